@@ -1,0 +1,127 @@
+"""What a training config must hold: the checks run before anything compiles, and the `:smoke` shrink.
+
+Config files (`configs/*.py`) build an `ml_collections.ConfigDict` in `get_config(arg)` and end with
+`return run_config.finalize(config, arg)`, which applies the `smoke` argument; `validate` runs in the trainer
+once the number of devices is known.
+"""
+
+import ml_collections
+
+SMOKE_ARG = "smoke"
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a training config has, with defaults; config files change what their run needs."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, dropout, batch order and augmentation.
+  config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None: $TFDS_DATA_DIR.
+
+  config.input = ml_collections.ConfigDict()
+  config.input.dataset = "synthetic_inshop/small"  # TFDS name: synthetic_inshop/* or deepfashion_inshop/*.
+  config.input.image_size = 64  # Images are resized (and, in training, randomly cropped) to this square.
+  config.input.batch_size = 32  # Global batch: P products x K images, split over all devices.
+  config.input.images_per_product = 4  # K; P = batch_size // K.
+  config.input.num_threads = 4  # Decoding threads per process.
+  config.input.crop_scale = (0.6, 1.0)  # Area fraction of the random resized crop.
+  config.input.color_jitter = 0.2  # Relative strength of brightness and contrast jitter.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "rccapsnet"  # See jaxret.models.MODEL_NAMES; other fields are its keyword arguments.
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = "quadruplet"  # triplet, quadruplet, category_quadruplet or contrastive.
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 1e-3  # Peak of the warm-up + cosine schedule (Adam).
+  config.optim.weight_decay = 0.0  # Decoupled (AdamW) weight decay.
+  config.optim.grad_clip_norm = 1.0  # Global gradient norm clip; 0 turns it off.
+
+  config.total_steps = 1000
+  config.warmup_steps = 50  # Linear warm-up of the learning rate.
+  config.log_every = 10  # Steps between lines of metrics.jsonl.
+  config.eval_every = 250  # Steps between Recall@K evaluations (also at step 0 and at the end).
+  config.checkpoint_every = 250  # Steps between checkpoints (also at the end).
+  config.keep_checkpoints = 3  # Checkpoints kept; older ones are deleted.
+
+  config.evals = ml_collections.ConfigDict()
+  config.evals.ks = (1, 10, 20, 30, 40, 50)  # Recall@K reported, as in the In-shop papers.
+  config.evals.metric = "euclidean"  # euclidean or cosine.
+  config.evals.batch_size = 128  # Images per embedding step, over all devices.
+  config.evals.num_pictures = 8  # Queries shown in retrievals.png.
+  return config
+
+
+def parse_arg(arg: str | None) -> set[str]:
+  """Comma-separated words after the `:` of `--config path.py:word1,word2`."""
+  words = {w.strip() for w in (arg or "").split(",") if w.strip()}
+  unknown = words - {SMOKE_ARG}
+  if unknown:
+    raise ConfigError(f"Unknown config argument(s) {sorted(unknown)}; the only one is {SMOKE_ARG!r}, as in "
+                     "--config configs/demo.py:smoke.")
+  return words
+
+
+def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
+  """Shrinks any config in place to a run of seconds: tiny model, tiny data, a few steps."""
+  if config.input.dataset.startswith("synthetic_inshop"):
+    config.input.dataset = "synthetic_inshop/tiny"
+  config.input.image_size = 32
+  config.input.batch_size = 16
+  config.input.images_per_product = 4
+  config.input.num_threads = 2
+  if not config.model.name.endswith("_tiny"):
+    config.model.name += "_tiny"
+  config.total_steps = 6
+  config.warmup_steps = 2
+  config.log_every = 2
+  config.eval_every = 3
+  config.checkpoint_every = 3
+  config.evals.batch_size = 16
+  config.evals.num_pictures = 4
+
+
+def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the config argument (`smoke`) and returns the config."""
+  if SMOKE_ARG in parse_arg(arg):
+    shrink_for_smoke(config)
+  return config
+
+
+def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int = 1,
+             model_names=(), loss_names=()) -> None:
+  """Raises a ValueError naming the field when the config cannot run on `device_count` devices."""
+  problems = []
+  batch = config.input.batch_size
+  k = config.input.images_per_product
+  if k < 2:
+    problems.append(f"config.input.images_per_product={k} must be at least 2 (K images of each product make "
+                    "the positive pairs).")
+  elif batch % k:
+    problems.append(f"config.input.batch_size={batch} is not divisible by config.input.images_per_product={k}.")
+  elif batch // k < 2:
+    problems.append(f"config.input.batch_size={batch} holds fewer than 2 products of "
+                    f"config.input.images_per_product={k} images; negatives need at least 2 products.")
+  for field, value in (("config.input.batch_size", batch), ("config.evals.batch_size", config.evals.batch_size)):
+    if value % device_count:
+      problems.append(f"{field}={value} is not divisible by the {device_count} devices; use a multiple of "
+                      f"{device_count}.")
+    elif value % process_count:
+      problems.append(f"{field}={value} is not divisible by the {process_count} processes.")
+  if model_names and config.model.name not in model_names:
+    problems.append(f"config.model.name={config.model.name!r} is not a known model; use one of "
+                    f"{sorted(model_names)}.")
+  if loss_names and config.loss.name not in loss_names:
+    problems.append(f"config.loss.name={config.loss.name!r} is not a known loss; use one of {sorted(loss_names)}.")
+  for field in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
+    if config[field] < 1:
+      problems.append(f"config.{field}={config[field]} must be at least 1.")
+  if config.optim.learning_rate <= 0:
+    problems.append(f"config.optim.learning_rate={config.optim.learning_rate} must be positive.")
+  if any(int(k) < 1 for k in config.evals.ks):
+    problems.append(f"config.evals.ks={tuple(config.evals.ks)} must be positive.")
+  if problems:
+    raise ConfigError("Bad config:\n  " + "\n  ".join(problems))
