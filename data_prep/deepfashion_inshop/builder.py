@@ -1,0 +1,163 @@
+"""`deepfashion_inshop`: the DeepFashion In-shop release, from the manual download to ArrayRecord shards.
+
+  python -m data_prep.deepfashion_inshop --manual_dir DIR [--data_dir DIR] [--config all|women|men]
+
+Read it with `tfds.data_source("deepfashion_inshop/all", data_dir=..., split="query")` after
+`import data_prep.deepfashion_inshop`. Records are in the order of `Eval/list_eval_partition.txt`.
+
+This is a `tfds.core.ShardBasedBuilder`, not a `GeneratorBasedBuilder`: the latter passes every example
+through TFDS's shuffler, which keeps up to 1 GB in memory and spills to disk with `tf.io.gfile`, so it
+needs TensorFlow once a split outgrows that buffer. Writing shards straight from our generators keeps memory
+at about one shard (`_MAX_IMAGES_PER_SHARD` images), keeps the release's order, and needs no TensorFlow.
+"""
+
+import dataclasses
+import functools
+import math
+
+from absl import logging
+import tensorflow_datasets as tfds
+from tqdm import auto as tqdm
+
+from data_prep import inshop_features
+from data_prep.deepfashion_inshop import release
+
+# TFDS's ShardWriter keeps the examples of the shard being written in memory (it counts them with
+# itertools.tee after writing), so this bounds peak memory: 2000 release images are about 50 MB.
+_MAX_IMAGES_PER_SHARD = 2000
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+DeepFashion In-shop sits behind an agreement, so it is downloaded by hand. From the DeepFashion page
+(https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html), open the Google Drive folder of the
+"In-shop Clothes Retrieval Benchmark" and download into one folder (the manual dir), keeping the layout:
+
+  <manual_dir>/Img/img.zip                   (do not extract it; an extracted Img/img/ or img/ also works)
+  <manual_dir>/Eval/list_eval_partition.txt
+  <manual_dir>/Anno/list_bbox_inshop.txt     (optional: fills bbox, clothes_type and pose)
+
+then run: python -m data_prep.deepfashion_inshop --manual_dir <manual_dir> [--data_dir DIR]
+"""
+
+_CITATION = """\
+@inproceedings{liu2016deepfashion,
+  author = {Liu, Ziwei and Luo, Ping and Qiu, Shi and Wang, Xiaogang and Tang, Xiaoou},
+  title = {DeepFashion: Powering Robust Clothes Recognition and Retrieval with Rich Annotations},
+  booktitle = {Proceedings of IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year = {2016}
+}"""
+
+
+@dataclasses.dataclass
+class InshopConfig(tfds.core.BuilderConfig):
+  """Which genders to keep. Category labels are the same in every config (over all 23 categories)."""
+  genders: tuple[str, ...] = ("WOMEN", "MEN")
+
+
+def features() -> dict:
+  """The core In-shop features plus the bbox annotation.
+
+  Returns:
+    `inshop_features.core_features()` and: `bbox` (`[4]` float32 `[ymin, xmin, ymax, xmax]` in [0, 1]; the
+    whole image when the release has no box), `clothes_type` and `pose` (labels equal to the codes of
+    `Anno/list_bbox_inshop.txt`; 0 = "unknown" when that file is absent).
+  """
+  return {
+      **inshop_features.core_features(),
+      "bbox": tfds.features.BBoxFeature(),
+      "clothes_type": tfds.features.ClassLabel(names=list(release.CLOTHES_TYPE_NAMES)),
+      "pose": tfds.features.ClassLabel(names=list(release.POSE_NAMES)),
+  }
+
+
+def normalized_bbox(bbox: tuple[int, int, int, int] | None, height: int, width: int) -> tfds.features.BBox:
+  """`(x_1, y_1, x_2, y_2)` pixels -> TFDS's `[ymin, xmin, ymax, xmax]` in [0, 1], clipped to the image."""
+  if bbox is None:
+    return tfds.features.BBox(0.0, 0.0, 1.0, 1.0)
+  x1, y1, x2, y2 = bbox
+  clip = lambda v: min(max(v, 0.0), 1.0)
+  return tfds.features.BBox(ymin=clip(y1 / height), xmin=clip(x1 / width), ymax=clip(y2 / height),
+                            xmax=clip(x2 / width))
+
+
+class DeepfashionInshop(tfds.core.ShardBasedBuilder):
+  """DeepFashion In-shop Clothes Retrieval, read from the manual download; see the module docstring."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release: train/query/gallery, original JPEG bytes, bbox/clothes/pose."}
+  BUILDER_CONFIGS = [
+      InshopConfig(name="all", description="WOMEN and MEN images.", genders=("WOMEN", "MEN")),
+      InshopConfig(name="women", description="WOMEN images only (labels over all 23 categories).",
+                   genders=("WOMEN",)),
+      InshopConfig(name="men", description="MEN images only (labels over all 23 categories).",
+                   genders=("MEN",)),
+  ]
+  DEFAULT_BUILDER_CONFIG_NAME = "all"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+
+  def __init__(self, *, file_format: str | None = "array_record", **kwargs):
+    # ArrayRecord by default: it is what grain reads, and TFRecord cannot be written without TensorFlow.
+    super().__init__(file_format=file_format, **kwargs)
+    self._unreadable_images: list[str] = []
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="DeepFashion In-shop Clothes Retrieval Benchmark: 52,712 images of 7,982 products in 23 "
+                    "categories; retrieval of query images among gallery images of unseen products.",
+        features=tfds.features.FeaturesDict(features()),
+        homepage="https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html",
+        citation=_CITATION,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _shard_iterators_per_split(self, dl_manager):
+    files, plan = release.validate_release(dl_manager.manual_dir)
+    for warning in plan.warnings:
+      logging.warning(warning)
+    self.info.metadata["images_from"] = files.images_label
+    self.info.metadata["bbox_from"] = files.label(files.bbox) if files.bbox else None
+    self._unreadable_images = []
+    shards = {}
+    for split, records in plan.select(self.builder_config.genders).items():
+      num_shards = math.ceil(len(records) / _MAX_IMAGES_PER_SHARD)
+      bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
+      shards[split] = [
+          functools.partial(self._generate_shard, files, records[start:stop], split=split,
+                            first=start, total=len(records), last=stop == len(records))
+          for start, stop in zip(bounds[:-1], bounds[1:])]
+    return shards
+
+  def _generate_shard(self, files: release.ReleaseFiles, records, *, split: str, first: int, total: int,
+                      last: bool):
+    """Yields `(image_name, example)` for one shard; images that fail to decode are noted, not written."""
+    # One bar per split: each shard's bar starts where the previous one stopped, only the last one stays.
+    with release.ImageArchive(files) as archive, tqdm.tqdm(
+        total=total, initial=first, desc=f"Writing {split}", unit=" images", leave=last,
+        mininterval=1.0) as progress:
+      for record in records:
+        try:
+          jpeg = archive.read(record.image_name)
+          height, width = release.check_jpeg(jpeg)
+        except (OSError, ValueError) as e:
+          reason = str(e) if str(e).startswith(("is ", "cannot ")) else f"cannot be read ({e})"
+          self._unreadable_images.append(f"{record.image_name} ({files.label(files.partition)} line "
+                                         f"{record.line}) {reason}.")
+          continue
+        progress.update()
+        yield record.image_name, {
+            "image": jpeg,  # The original bytes: tfds.features.Image stores bytes as given.
+            "image_name": record.image_name,
+            "item_id": record.item_id,
+            "category": record.category,
+            "bbox": normalized_bbox(record.bbox, height, width),
+            "clothes_type": record.clothes_type,
+            "pose": record.pose,
+        }
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    super()._download_and_prepare(dl_manager, download_config)
+    if self._unreadable_images:
+      # Raised inside TFDS's incomplete dir, which is then deleted: no dataset is left that looks finished.
+      raise release.InshopDownloadError(release.format_problems(
+          f"The images in {dl_manager.manual_dir}", self._unreadable_images,
+          "No dataset was written. Download the image archive again (or replace these files), then run again."))

@@ -1,0 +1,314 @@
+"""The `deepfashion_inshop` builder on a fake download in the exact layout of the official release."""
+
+import dataclasses
+import logging
+import zipfile
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from data_prep import inshop_features
+from data_prep.deepfashion_inshop import __main__ as cli
+from data_prep.deepfashion_inshop import builder as builder_lib
+from data_prep.deepfashion_inshop import release
+import data_prep.deepfashion_inshop  # pylint: disable=unused-import  # Registers the builder.
+import fake_inshop  # tests/ is on sys.path under pytest.
+
+IMAGES = fake_inshop.make_images()
+
+
+def build(manual_dir, data_dir, config="all"):
+  builder = builder_lib.DeepfashionInshop(config=config, data_dir=str(data_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  return builder
+
+
+def raw_records(builder, split):
+  """Records of a split with the image left as the stored bytes."""
+  source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  return [source[i] for i in range(len(source))]
+
+
+def expected_bbox(image):
+  x1, y1, x2, y2 = image.bbox
+  return np.array([y1 / image.height, x1 / image.width, y2 / image.height, x2 / image.width], np.float32)
+
+
+def replace_image(images, index, **changes):
+  return [dataclasses.replace(im, **changes) if i == index else im for i, im in enumerate(images)]
+
+
+# ---- Parsing and validation (pure, no build) ----
+
+def test_plan_reads_rows_separated_by_runs_of_spaces():
+  names = {im.name for im in IMAGES}
+  plan = release.plan_build(fake_inshop.partition_text(IMAGES), names, fake_inshop.bbox_text(IMAGES))
+  for split in inshop_features.SPLITS:
+    want = [im for im in IMAGES if im.split == split]
+    got = plan.records[split]
+    assert [r.image_name for r in got] == [im.name for im in want]  # File order kept.
+    assert [r.item_id for r in got] == [im.item_id for im in want]
+    assert [r.category for r in got] == [im.category for im in want]
+    assert [r.bbox for r in got] == [im.bbox for im in want]
+    assert [(r.clothes_type, r.pose) for r in got] == [(im.clothes_type, im.pose) for im in want]
+  # Line numbers count the count line and the header.
+  assert plan.records["query"][0].line == 2 + 1 + [im.name for im in IMAGES].index(plan.records["query"][0].image_name)
+  assert plan.has_bbox
+
+
+def test_plan_without_bbox_file_leaves_annotations_unknown():
+  plan = release.plan_build(fake_inshop.partition_text(IMAGES), {im.name for im in IMAGES}, None)
+  assert not plan.has_bbox
+  assert all(r.bbox is None and r.clothes_type == 0 and r.pose == 0
+             for records in plan.records.values() for r in records)
+
+
+def _full_release_partition() -> tuple[str, set[str]]:
+  """A partition file with exactly the reference counts of the full release (names only, no images)."""
+  rows, item = [], 0
+
+  def add_item(statuses):
+    nonlocal item
+    item += 1
+    category = inshop_features.CATEGORY_NAMES[item % 23]
+    rows.extend((f"img/{category}/id_{item:08d}/{j:02d}_1_front.jpg", f"id_{item:08d}", s)
+                for j, s in enumerate(statuses))
+
+  for i in range(3997):  # 25,882 train images: 1,900 items of 7, the rest of 6.
+    add_item(["train"] * (7 if i < 1900 else 6))
+  for i in range(3985):  # 14,218 query (2,263 items of 4) and 12,612 gallery (657 items of 4) images.
+    add_item(["query"] * (4 if i < 2263 else 3) + ["gallery"] * (4 if i < 657 else 3))
+  text = "\n".join([str(len(rows)), "image_name item_id evaluation_status"]
+                   + [f"{n:<60s}{i:<15s}{s}" for n, i, s in rows])
+  return text, {n for n, _, _ in rows}
+
+
+def test_full_release_counts_give_no_warning_and_partial_download_warns():
+  text, names = _full_release_partition()
+  plan = release.plan_build(text, names)
+  assert plan.warnings == ()
+  assert sum(len(r) for r in plan.records.values()) == 52_712
+  partial = release.plan_build(fake_inshop.partition_text(IMAGES), {im.name for im in IMAGES})
+  assert len(partial.warnings) == 1
+  assert "12 images (full release: 52712)" in partial.warnings[0]
+  assert "partial or modified download" in partial.warnings[0]
+
+
+def _query_row_of_train_item():
+  """The first query image moved into the folder of train item 2: the same product in train and test."""
+  i = next(i for i, im in enumerate(IMAGES) if im.split == "query")
+  return replace_image(IMAGES, i, name="img/WOMEN/Dresses/id_00000002/09_1_front.jpg"), i
+
+
+BAD_PARTITIONS = {
+    "wrong count line": (lambda: (fake_inshop.partition_text(IMAGES, count=13), IMAGES),
+                         ["Eval/list_eval_partition.txt line 1: says 13 images but the file has 12 rows"]),
+    "count line not a number": (lambda: (fake_inshop.partition_text(IMAGES, count="12 images"), IMAGES),
+                                ["line 1: expected the number of images, found '12 images'"]),
+    "wrong header": (lambda: (fake_inshop.partition_text(IMAGES, header="image_name item_id status"), IMAGES),
+                     ["line 2: expected the header 'image_name item_id evaluation_status'"]),
+    "unknown status": (lambda: (fake_inshop.partition_text(IMAGES).replace("query", "val", 1), IMAGES),
+                       ["line 8: unknown evaluation_status 'val' (expected train, query or gallery)"]),
+    "train/test overlap": (
+        lambda: (fake_inshop.partition_text(_query_row_of_train_item()[0]), _query_row_of_train_item()[0]),
+        ["item id_00000002 is in train (line 3) and in query/gallery (line 8)"]),
+    "unknown category": (
+        lambda: (fake_inshop.partition_text(replace_image(IMAGES, 0, name="img/WOMEN/Hats/id_00000002/1.jpg")),
+                 replace_image(IMAGES, 0, name="img/WOMEN/Hats/id_00000002/1.jpg")),
+        ["line 3: unknown category 'WOMEN/Hats'"]),
+    "item id differs from folder": (
+        lambda: (fake_inshop.partition_text(IMAGES).replace("id_00000007    train", "id_00000008    train", 1),
+                 IMAGES),
+        ["line 5: item_id id_00000008 does not match the folder id_00000007"]),
+    "name leaving the tree": (
+        lambda: (fake_inshop.partition_text(IMAGES).replace("img/MEN/Denim/id_00000007/01_1_front.jpg",
+                                                            "img/../../../etc/passwd", 1), IMAGES),
+        ["line 5: 'img/../../../etc/passwd' is not an image name of the release"]),
+    "row with 2 fields": (lambda: (fake_inshop.partition_text(IMAGES).replace("id_00000011    ", "", 1), IMAGES),
+                          ["line 7: expected 3 fields (image_name item_id evaluation_status), found 2"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PARTITIONS)
+def test_bad_partition_file_names_the_problem(tmp_path, case):
+  make, expected = BAD_PARTITIONS[case]
+  partition, images = make()
+  fake_inshop.write_release(tmp_path, images, partition=partition, bbox=False)
+  with pytest.raises(release.InshopDownloadError) as error:
+    release.validate_release(tmp_path)
+  for text in expected:
+    assert text in str(error.value)
+
+
+def test_missing_images_are_listed_with_their_rows(tmp_path):
+  missing = IMAGES[3].name
+  fake_inshop.write_release(tmp_path, IMAGES, omit=(missing,))
+  with pytest.raises(release.InshopDownloadError,
+                     match=rf"Eval/list_eval_partition.txt line 6: {missing} is not in Img/img.zip"):
+    release.validate_release(tmp_path)
+
+
+def test_many_problems_are_capped_with_a_count(tmp_path):
+  rows = [(f"img/MEN/Denim/id_{i:08d}/01_1_front.jpg", "train") for i in range(30)]
+  images = fake_inshop.make_images(rows, grayscale_index=None)
+  fake_inshop.write_release(tmp_path, images, omit=tuple(im.name for im in images[:25]), bbox=False)
+  with pytest.raises(release.InshopDownloadError) as error:
+    release.validate_release(tmp_path)
+  message = str(error.value)
+  assert "has 25 problems" in message
+  assert message.count("is not in Img/img.zip") == release.MAX_LISTED_PROBLEMS
+  assert "... and 5 more." in message
+
+
+def test_bad_bbox_file_names_the_problem(tmp_path):
+  bbox = fake_inshop.bbox_text(IMAGES).splitlines()
+  bbox[3] = bbox[3].replace("  2  2  ", "  4  2  ", 1)  # Line 4: an unknown clothes type.
+  del bbox[5]  # Line 6: no box for the 4th image.
+  bbox[0] = str(len(bbox) - 2)
+  fake_inshop.write_release(tmp_path, IMAGES, bbox="\n".join(bbox))
+  with pytest.raises(release.InshopDownloadError) as error:
+    release.validate_release(tmp_path)
+  message = str(error.value)
+  assert "Anno/list_bbox_inshop.txt line 4: clothes_type 4 is not 1 (upper), 2 (lower) or 3 (full)" in message
+  assert f"Anno/list_bbox_inshop.txt: no box for {IMAGES[3].name}" in message
+
+
+def test_missing_files_and_broken_zip_are_reported(tmp_path):
+  with pytest.raises(release.InshopDownloadError, match="does not exist"):
+    release.validate_release(tmp_path / "nowhere")
+  (tmp_path / "Img").mkdir()
+  with pytest.raises(release.InshopDownloadError, match=r"lacks Eval/list_eval_partition.txt .* and Img/img.zip"):
+    release.validate_release(tmp_path)
+  fake_inshop.write_release(tmp_path, IMAGES)
+  zip_path = tmp_path / "Img" / "img.zip"
+  zip_path.write_bytes(zip_path.read_bytes()[:-100])  # An interrupted download: no central directory.
+  with pytest.raises(release.InshopDownloadError, match="Img/img.zip is not a readable zip file"):
+    release.validate_release(tmp_path)
+
+
+# ---- Building and reading back ----
+
+def test_builder_is_registered_with_23_labels_in_every_config():
+  assert tfds.builder_cls("deepfashion_inshop") is builder_lib.DeepfashionInshop
+  for config in ("all", "women", "men"):
+    builder = tfds.builder(f"deepfashion_inshop/{config}", data_dir="/nonexistent")
+    assert builder.info.features["category"].names == list(inshop_features.CATEGORY_NAMES)
+
+
+def test_build_from_zip_reads_back_everything(tmp_path):
+  fake_inshop.write_release(tmp_path / "manual", IMAGES)
+  builder = build(tmp_path / "manual", tmp_path / "data")
+  assert builder.info.file_format == tfds.core.file_adapters.FileFormat.ARRAY_RECORD
+  assert {s: builder.info.splits[s].num_examples for s in inshop_features.SPLITS} == {
+      "train": 5, "query": 3, "gallery": 4}
+  for split in inshop_features.SPLITS:
+    want = [im for im in IMAGES if im.split == split]
+    got = raw_records(builder, split)
+    for record, image in zip(got, want, strict=True):
+      assert record["image_name"].decode() == image.name
+      assert record["image"] == image.jpeg  # The original bytes, not re-encoded.
+      assert record["item_id"] == image.item_id
+      assert record["category"] == inshop_features.CATEGORY_NAMES.index(image.category)
+      np.testing.assert_allclose(record["bbox"], expected_bbox(image), rtol=1e-6)
+      assert (record["clothes_type"], record["pose"]) == (image.clothes_type, image.pose)
+  # What the trainer does: the registered name and a decoded image, grayscale widened to 3 channels.
+  decoded = tfds.data_source("deepfashion_inshop/all", data_dir=str(tmp_path / "data"), split="train")
+  for i, image in enumerate(im for im in IMAGES if im.split == "train"):
+    assert decoded[i]["image"].shape == (image.height, image.width, 3)
+    assert decoded[i]["image"].dtype == np.uint8
+
+
+@pytest.mark.parametrize("form", ["Img/img", "img"])
+def test_build_from_extracted_tree(tmp_path, form):
+  fake_inshop.write_release(tmp_path / "manual", IMAGES, form=form, bbox=False)
+  builder = build(tmp_path / "manual", tmp_path / "data")
+  gallery = raw_records(builder, "gallery")
+  assert [r["image"] for r in gallery] == [im.jpeg for im in IMAGES if im.split == "gallery"]
+  # Without the bbox file: the whole image and "unknown" clothes type and pose.
+  assert all(r["clothes_type"] == 0 and r["pose"] == 0 for r in gallery)
+  np.testing.assert_array_equal(np.stack([r["bbox"] for r in gallery]), [[0, 0, 1, 1]] * len(gallery))
+  assert builder.info.metadata["bbox_from"] is None
+
+
+def test_gender_configs_keep_global_labels(tmp_path):
+  fake_inshop.write_release(tmp_path / "manual", IMAGES)
+  for config, gender in (("women", "WOMEN"), ("men", "MEN")):
+    builder = build(tmp_path / "manual", tmp_path / "data", config=config)
+    for split in inshop_features.SPLITS:
+      want = [im for im in IMAGES if im.split == split and im.category.startswith(gender + "/")]
+      got = raw_records(builder, split)
+      assert [r["image_name"].decode() for r in got] == [im.name for im in want]
+      assert [r["category"] for r in got] == [inshop_features.CATEGORY_NAMES.index(im.category) for im in want]
+
+
+def test_partial_download_builds_with_a_warning(tmp_path, caplog):
+  fake_inshop.write_release(tmp_path / "manual", IMAGES)
+  with caplog.at_level(logging.WARNING):
+    builder = build(tmp_path / "manual", tmp_path / "data")
+  assert builder.info.splits["train"].num_examples == 5
+  assert any("differs from the full DeepFashion In-shop release" in r.getMessage() for r in caplog.records)
+
+
+def _truncated(jpeg: bytes) -> bytes:
+  return jpeg[:len(jpeg) // 2]
+
+
+def _png(_: bytes) -> bytes:
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize("form", ["zip", "img"])
+@pytest.mark.parametrize("damage, reason", [(_truncated, "is not a readable JPEG"), (_png, "is a PNG file")])
+def test_bad_image_fails_the_build_and_leaves_no_dataset(tmp_path, form, damage, reason):
+  bad = IMAGES[6]
+  fake_inshop.write_release(tmp_path / "manual", IMAGES, form=form, archive_bytes={bad.name: damage(bad.jpeg)})
+  with pytest.raises(release.InshopDownloadError) as error:
+    build(tmp_path / "manual", tmp_path / "data")
+  assert f"{bad.name} (Eval/list_eval_partition.txt line 9) {reason}" in str(error.value)
+  config_dir = tmp_path / "data" / "deepfashion_inshop" / "all"
+  assert not config_dir.exists() or not any(config_dir.iterdir())  # No 1.0.0/, no incomplete.* folder.
+  # A rerun after the download is fixed builds normally.
+  fake_inshop.write_release(tmp_path / "manual", IMAGES, form=form)
+  builder = build(tmp_path / "manual", tmp_path / "data")
+  assert raw_records(builder, "gallery")[0]["image"] == bad.jpeg
+
+
+# ---- The command ----
+
+def test_command_builds_and_summarizes(tmp_path, capsys):
+  fake_inshop.write_release(tmp_path / "manual", IMAGES)
+  argv = ["--manual_dir", str(tmp_path / "manual"), "--data_dir", str(tmp_path / "data"), "--config", "men"]
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  version_dir = tmp_path / "data" / "deepfashion_inshop" / "men" / "1.0.0"
+  assert f"to {version_dir}" in out
+  assert "train         2 images of     1 items in 1 shards" in out
+  assert "query         2 images of     2 items in 1 shards" in out
+  assert "Warning: Eval/list_eval_partition.txt differs from the full" in out
+  assert list(version_dir.glob("deepfashion_inshop-query.array_record-*"))
+  assert cli.main(argv) == 0
+  assert "already in" in capsys.readouterr().out
+
+
+def test_command_reports_a_bad_download_without_traceback(tmp_path, capsys):
+  fake_inshop.write_release(tmp_path / "manual", IMAGES, omit=(IMAGES[0].name,))
+  assert cli.main(["--manual_dir", str(tmp_path / "manual"), "--data_dir", str(tmp_path / "data")]) == 1
+  err = capsys.readouterr().err
+  assert f"error: The DeepFashion In-shop download has 1 problem:\n  Eval/list_eval_partition.txt line 3: " \
+         f"{IMAGES[0].name} is not in Img/img.zip" in err
+  assert "Traceback" not in err
+  assert not (tmp_path / "data").exists()  # Checked before anything is written.
+
+
+def test_zip_is_read_not_extracted(tmp_path, monkeypatch):
+  fake_inshop.write_release(tmp_path / "manual", IMAGES)
+  monkeypatch.setattr(zipfile.ZipFile, "extract", lambda *a, **k: pytest.fail("extract called"))
+  monkeypatch.setattr(zipfile.ZipFile, "extractall", lambda *a, **k: pytest.fail("extractall called"))
+  build(tmp_path / "manual", tmp_path / "data")
+  assert sorted(p.name for p in (tmp_path / "manual").rglob("*") if p.is_file()) == [
+      "img.zip", "list_bbox_inshop.txt", "list_eval_partition.txt"]
