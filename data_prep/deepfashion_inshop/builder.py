@@ -98,6 +98,9 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
     # ArrayRecord by default: it is what grain reads, and TFRecord cannot be written without TensorFlow.
     super().__init__(file_format=file_format, **kwargs)
     self._unreadable_images: list[str] = []
+    self._files: release.ReleaseFiles | None = None
+    # Opened once per build: opening the zip parses its directory of 52k entries (about a second).
+    self._archive: release.ImageArchive | None = None
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -116,31 +119,30 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
       logging.warning(warning)
     self.info.metadata["images_from"] = files.images_label
     self.info.metadata["bbox_from"] = files.label(files.bbox) if files.bbox else None
-    self._unreadable_images = []
+    self._unreadable_images, self._files = [], files
+    self._archive = release.ImageArchive(files)
     shards = {}
     for split, records in plan.select(self.builder_config.genders).items():
       num_shards = math.ceil(len(records) / _MAX_IMAGES_PER_SHARD)
       bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
       shards[split] = [
-          functools.partial(self._generate_shard, files, records[start:stop], split=split,
+          functools.partial(self._generate_shard, records[start:stop], split=split,
                             first=start, total=len(records), last=stop == len(records))
           for start, stop in zip(bounds[:-1], bounds[1:])]
     return shards
 
-  def _generate_shard(self, files: release.ReleaseFiles, records, *, split: str, first: int, total: int,
-                      last: bool):
+  def _generate_shard(self, records, *, split: str, first: int, total: int, last: bool):
     """Yields `(image_name, example)` for one shard; images that fail to decode are noted, not written."""
     # One bar per split: each shard's bar starts where the previous one stopped, only the last one stays.
-    with release.ImageArchive(files) as archive, tqdm.tqdm(
-        total=total, initial=first, desc=f"Writing {split}", unit=" images", leave=last,
-        mininterval=1.0) as progress:
+    with tqdm.tqdm(total=total, initial=first, desc=f"Writing {split}", unit=" images", leave=last,
+                   mininterval=1.0) as progress:
       for record in records:
         try:
-          jpeg = archive.read(record.image_name)
+          jpeg = self._archive.read(record.image_name)
           height, width = release.check_jpeg(jpeg)
         except (OSError, ValueError) as e:
           reason = str(e) if str(e).startswith(("is ", "cannot ")) else f"cannot be read ({e})"
-          self._unreadable_images.append(f"{record.image_name} ({files.label(files.partition)} line "
+          self._unreadable_images.append(f"{record.image_name} ({self._files.label(self._files.partition)} line "
                                          f"{record.line}) {reason}.")
           continue
         progress.update()
@@ -155,9 +157,14 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
         }
 
   def _download_and_prepare(self, dl_manager, download_config=None):
-    super()._download_and_prepare(dl_manager, download_config)
+    try:
+      super()._download_and_prepare(dl_manager, download_config)
+    finally:
+      if self._archive is not None:
+        self._archive.close()
+        self._archive = None
     if self._unreadable_images:
       # Raised inside TFDS's incomplete dir, which is then deleted: no dataset is left that looks finished.
       raise release.InshopDownloadError(release.format_problems(
-          f"The images in {dl_manager.manual_dir}", self._unreadable_images,
+          f"{self._files.images_label} in {dl_manager.manual_dir}", self._unreadable_images,
           "No dataset was written. Download the image archive again (or replace these files), then run again."))

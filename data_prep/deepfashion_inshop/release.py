@@ -465,5 +465,7 @@ def check_jpeg(data: bytes) -> tuple[int, int]:
         raise ValueError(f"is a {image.mode} JPEG; convert it to RGB")
       image.load()  # Decodes every scan; raises OSError on truncated or corrupt data.
       return image.height, image.width
+  except Image.UnidentifiedImageError as e:
+    raise ValueError("is not an image file (PIL cannot identify it)") from e
   except (OSError, SyntaxError, Image.DecompressionBombError) as e:
     raise ValueError(f"is not a readable JPEG ({e})") from e
