@@ -21,10 +21,8 @@ def get_config(arg=None):
   config.input.num_threads = 16
   config.model.name = "qrccapsnet"
   config.loss.name = "category_quadruplet"
-  config.loss.margin1 = 0.1  # Same-category negatives (Eq. 1 of the paper).
-  config.loss.margin2 = 1.0  # Other-category negatives.
-  config.loss.weight1 = 0.1
-  config.loss.weight2 = 0.9
+  # Eq. 1 of the paper: margin1 for same-category negatives, margin2 for other-category ones.
+  config.loss.category_quadruplet.update(margin1=0.1, margin2=1.0, weight1=0.1, weight2=0.9, squared=True)
   config.optim.learning_rate = 1e-3
   config.total_steps = 20_000  # About 50 epochs of the 25,882 training images.
   config.warmup_steps = 500

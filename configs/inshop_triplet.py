@@ -20,8 +20,7 @@ def get_config(arg=None):
   config.input.num_threads = 16
   config.model.name = "rccapsnet"
   config.loss.name = "triplet"
-  config.loss.margin = 0.2
-  config.loss.mining = "batch_hard"
+  config.loss.triplet.update(margin=0.2, mining="batch_hard", squared=False)
   config.optim.learning_rate = 1e-3
   config.total_steps = 20_000  # About 50 epochs of the 25,882 training images.
   config.warmup_steps = 500

@@ -32,8 +32,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "rccapsnet"  # See jaxret.models.MODEL_NAMES; other fields are its keyword arguments.
 
+  # Every loss has its own section, so that `--config.loss.name=triplet` switches losses from the command
+  # line; the section of `name` holds that loss's keyword arguments (see jaxret/losses.py).
   config.loss = ml_collections.ConfigDict()
   config.loss.name = "quadruplet"  # triplet, quadruplet, category_quadruplet or contrastive.
+  config.loss.triplet = dict(margin=0.2, mining="batch_hard", squared=False)  # Hermans et al. 2017.
+  config.loss.quadruplet = dict(margin1=0.2, margin2=0.1, squared=False, adaptive_margin=False)  # Chen 2017.
+  config.loss.category_quadruplet = dict(  # QRCCapsNet, Eq. 1 (paper values).
+      margin1=0.1, margin2=1.0, weight1=0.1, weight2=0.9, squared=True)
+  config.loss.contrastive = dict(margin=1.0)  # Hadsell et al. 2006.
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-3  # Peak of the warm-up + cosine schedule (Adam).

@@ -40,15 +40,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file,
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
 
-# Losses by config name; every one takes (embeddings [B, D], item labels [B]) and the config's keywords.
-LOSS_FUNCTIONS = {
-    "triplet": losses.triplet_loss,
-    "quadruplet": losses.quadruplet_loss,
-    "category_quadruplet": losses.category_quadruplet_loss,
-    "contrastive": losses.contrastive_loss,
-}
-
-
 @flax.struct.dataclass
 class TrainState:
   """Everything that changes during training, as one pytree (checkpointed as a whole)."""
@@ -71,12 +62,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def make_loss_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, Mapping[str, jax.Array]], jax.Array]:
-  """`loss(embeddings [B, D], batch) -> scalar` for the configured loss and its keyword arguments."""
-  kwargs = {k: v for k, v in config.loss.items() if k != "name"}
-  fn = LOSS_FUNCTIONS[config.loss.name]
+  """`loss(embeddings [B, D], batch) -> scalar`: the loss `config.loss.name` with its config section."""
+  fn = losses.get_loss(config.loss.name, **config.loss[config.loss.name])
   if config.loss.name == "category_quadruplet":
-    return lambda emb, batch: fn(emb, batch["item_id"], batch["category"], **kwargs)
-  return lambda emb, batch: fn(emb, batch["item_id"], **kwargs)
+    return lambda emb, batch: fn(emb, batch["item_id"], batch["category"])
+  return lambda emb, batch: fn(emb, batch["item_id"])
 
 
 def model_from_config(config: ml_collections.ConfigDict):
@@ -92,14 +82,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx, 
     (embeddings, _), updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         category=batch["category"], mutable=["batch_stats"], rngs={"dropout": dropout_key})
-    return loss_fn(embeddings, batch), (updates, embeddings)
+    return loss_fn(embeddings, batch), updates
 
-  (loss, (updates, embeddings)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  (loss, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
                             batch_stats=updates["batch_stats"], opt_state=opt_state)
-  step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                  "embedding_norm": jnp.mean(jnp.linalg.norm(embeddings, axis=-1))}
+  step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
   return new_state, step_metrics
 
 
@@ -204,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   device_count = jax.device_count()
   run_config.validate(config, device_count=device_count, process_count=jax.process_count(),
-                      model_names=models.MODEL_NAMES, loss_names=tuple(LOSS_FUNCTIONS))
+                      model_names=models.MODEL_NAMES, loss_names=tuple(losses.LOSSES))
   is_chief = jax.process_index() == 0
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -231,8 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = make_optimizer(config)
   size = config.input.image_size
   state = create_state(config, model, tx, jnp.zeros((1, size, size, 3), jnp.float32), replicated)
-  logging.info("Model %s: %s parameters.", config.model.name,
-               f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
+  if is_chief:
+    print(f"Model {config.model.name}: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters; "
+          f"{device_count} device(s), global batch {config.input.batch_size}.")
 
   checkpoints = ocp.CheckpointManager(
       os.path.join(workdir, "checkpoints"),
@@ -242,7 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = checkpoints.latest_step()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = checkpoints.restore(start_step, args=ocp.args.StandardRestore(abstract))
-    logging.info("Resumed from the checkpoint of step %d in %s.", start_step, workdir)
+    if is_chief:
+      print(f"Resumed from the checkpoint of step {start_step} in {workdir}.")
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step, enabled=is_chief)
 
   step_fn = jax.jit(
@@ -277,6 +268,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, step_metrics = step_fn(state, batch)
     window_steps += 1
     progress.update(1)
+    if step == start_step + 1:  # Leave compilation out of the images/s of the first window.
+      jax.block_until_ready(step_metrics)
+      window_start, window_steps = time.perf_counter(), 0
     if step % config.log_every == 0 or step == config.total_steps:
       host_metrics = jax.device_get(step_metrics)  # The only sync with the device between evaluations.
       elapsed = time.perf_counter() - window_start
@@ -315,6 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every step at INFO; --verbosity=0 shows it.
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("Both --config and --workdir are required, e.g.\n"
                          "  python -m jaxret.train --config configs/demo.py --workdir /tmp/jaxret_demo")
