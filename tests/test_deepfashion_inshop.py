@@ -164,14 +164,28 @@ def test_many_problems_are_capped_with_a_count(tmp_path):
 def test_bad_bbox_file_names_the_problem(tmp_path):
   bbox = fake_inshop.bbox_text(IMAGES).splitlines()
   bbox[3] = bbox[3].replace("  2  2  ", "  4  2  ", 1)  # Line 4: an unknown clothes type.
-  del bbox[5]  # Line 6: no box for the 4th image.
-  bbox[0] = str(len(bbox) - 2)
+  bbox[4] = bbox[4].replace("003  002  017", "018  002  017", 1)  # Line 5: x_1 > x_2.
+  bbox[0] = "11"  # Line 1: 11 rows announced, 12 present.
   fake_inshop.write_release(tmp_path, IMAGES, bbox="\n".join(bbox))
   with pytest.raises(release.InshopDownloadError) as error:
     release.validate_release(tmp_path)
   message = str(error.value)
   assert "Anno/list_bbox_inshop.txt line 4: clothes_type 4 is not 1 (upper), 2 (lower) or 3 (full)" in message
-  assert f"Anno/list_bbox_inshop.txt: no box for {IMAGES[3].name}" in message
+  assert "Anno/list_bbox_inshop.txt line 5: the box (18, 2, 17, 31) has x_1 > x_2 or y_1 > y_2" in message
+  assert "Anno/list_bbox_inshop.txt line 1: says 11 images but the file has 12 rows" in message
+
+
+def test_images_without_a_box_warn_and_stay_unknown(tmp_path):
+  bbox = fake_inshop.bbox_text(IMAGES).splitlines()
+  del bbox[5]  # No box for the 4th image.
+  bbox[0] = str(len(bbox) - 2)
+  fake_inshop.write_release(tmp_path, IMAGES, bbox="\n".join(bbox))
+  _, plan = release.validate_release(tmp_path)
+  assert f"has no box for 1 image(s) (e.g. {IMAGES[3].name}" in plan.warnings[-1]
+  unboxed = next(r for r in plan.records["train"] if r.image_name == IMAGES[3].name)
+  assert (unboxed.bbox, unboxed.clothes_type, unboxed.pose) == (None, 0, 0)
+  boxed = next(r for r in plan.records["train"] if r.image_name == IMAGES[2].name)
+  assert (boxed.bbox, boxed.clothes_type, boxed.pose) == (IMAGES[2].bbox, IMAGES[2].clothes_type, IMAGES[2].pose)
 
 
 def test_missing_files_and_broken_zip_are_reported(tmp_path):
@@ -312,3 +326,13 @@ def test_zip_is_read_not_extracted(tmp_path, monkeypatch):
   build(tmp_path / "manual", tmp_path / "data")
   assert sorted(p.name for p in (tmp_path / "manual").rglob("*") if p.is_file()) == [
       "img.zip", "list_bbox_inshop.txt", "list_eval_partition.txt"]
+
+
+def test_home_in_data_dir_is_expanded(tmp_path, monkeypatch):
+  fake_inshop.write_release(tmp_path / "manual", IMAGES)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  build("~/manual", "~/data", config="men")
+  assert (tmp_path / "data" / "deepfashion_inshop" / "men" / "1.0.0" / "dataset_info.json").exists()
+  assert not (tmp_path / "~").exists()
+  assert len(tfds.data_source("deepfashion_inshop/men", data_dir="~/data", split="gallery")) == 2

@@ -14,6 +14,7 @@ at about one shard (`_MAX_IMAGES_PER_SHARD` images), keeps the release's order, 
 import dataclasses
 import functools
 import math
+import os
 
 from absl import logging
 import tensorflow_datasets as tfds
@@ -94,9 +95,11 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
   DEFAULT_BUILDER_CONFIG_NAME = "all"
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
-  def __init__(self, *, file_format: str | None = "array_record", **kwargs):
+  def __init__(self, *, file_format: str | None = "array_record", data_dir: str | None = None, **kwargs):
     # ArrayRecord by default: it is what grain reads, and TFRecord cannot be written without TensorFlow.
-    super().__init__(file_format=file_format, **kwargs)
+    # TFDS takes "~/x" literally (it would create a folder named "~"), so expand it here.
+    data_dir = os.path.expanduser(data_dir) if isinstance(data_dir, str) else data_dir
+    super().__init__(file_format=file_format, data_dir=data_dir, **kwargs)
     self._unreadable_images: list[str] = []
     self._files: release.ReleaseFiles | None = None
     # Opened once per build: opening the zip parses its directory of 52k entries (about a second).

@@ -301,19 +301,21 @@ def plan_build(partition_text: str, archive_names: Collection[str], bbox_text: s
   Raises:
     InshopDownloadError: listing every problem found, each with its file and line.
   """
-  problems = []
+  problems, warnings = [], []
   records = _parse_partition(partition_text, partition_label, problems)
   _check_train_test_disjoint(records, partition_label, problems)
   _check_archive(records, archive_names, partition_label, archive_label, problems)
   if bbox_text is not None:
     boxes = _parse_bbox(bbox_text, bbox_label, {r.image_name for r in records}, problems)
     unboxed = [r for r in records if r.image_name not in boxes]
-    for r in unboxed:
-      problems.append(f"{bbox_label}: no box for {r.image_name} ({partition_label} line {r.line}); remove the "
-                      "file to build without boxes.")
-    if not unboxed:
-      records = [dataclasses.replace(r, bbox=boxes[r.image_name][1], clothes_type=boxes[r.image_name][2],
-                                     pose=boxes[r.image_name][3]) for r in records]
+    if unboxed:
+      # Not fatal: these images get the "unknown" codes that a build without the file gives every image.
+      warnings.append(f"{bbox_label} has no box for {len(unboxed)} image(s) (e.g. {unboxed[0].image_name}, "
+                      f"{partition_label} line {unboxed[0].line}); they get clothes_type and pose 'unknown' "
+                      "and the whole image as bbox.")
+    records = [dataclasses.replace(r, bbox=boxes[r.image_name][1], clothes_type=boxes[r.image_name][2],
+                                   pose=boxes[r.image_name][3]) if r.image_name in boxes else r
+               for r in records]
   if problems:
     raise InshopDownloadError(format_problems(
         "The DeepFashion In-shop download", problems,
@@ -321,7 +323,7 @@ def plan_build(partition_text: str, archive_names: Collection[str], bbox_text: s
   return BuildPlan(
       records={split: tuple(r for r in records if r.split == split) for split in inshop_features.SPLITS},
       has_bbox=bbox_text is not None,
-      warnings=tuple(_count_warnings(records, partition_label)))
+      warnings=tuple(_count_warnings(records, partition_label) + warnings))
 
 
 @dataclasses.dataclass(frozen=True)
