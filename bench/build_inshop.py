@@ -102,7 +102,8 @@ def main():
       download_bytes = write_fake_download(manual_dir, num_images, args.image_size)
       seconds, cpu_seconds, peak_mib, _ = run_build(manual_dir, data_dir)
       output_bytes = sum(p.stat().st_size for p in data_dir.rglob("*.array_record-*"))
-      print(f"{num_images:8d} {download_bytes / 1e6:12.0f} {seconds:7.1f} {cpu_seconds:6.1f} {num_images / seconds:9.0f} "
+      print(f"{num_images:8d} {download_bytes / 1e6:12.0f} {seconds:7.1f} {cpu_seconds:6.1f} "
+            f"{num_images / seconds:9.0f} "
             f"{peak_mib:13.0f} {output_bytes / 1e6:10.0f}", flush=True)
   finally:
     if args.keep is None:

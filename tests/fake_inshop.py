@@ -125,7 +125,8 @@ def write_release(root: pathlib.Path, images, *, form: str = "zip", partition: s
   members = [(im.name, archive_bytes.get(im.name, im.jpeg)) for im in images if im.name not in omit]
   if form == "zip":
     (root / "Img").mkdir(exist_ok=True)
-    folders = sorted({"/".join(name.split("/")[:depth]) + "/" for name, _ in members for depth in range(1, 5)})
+    folders = sorted({"/".join(name.split("/")[:depth]) + "/"
+                      for name, _ in members for depth in range(1, 5)})
     with zipfile.ZipFile(root / "Img" / "img.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
       for folder in folders:  # The release's zip has folder entries too.
         archive.writestr(folder, b"")

@@ -53,7 +53,8 @@ def test_plan_reads_rows_separated_by_runs_of_spaces():
     assert [r.bbox for r in got] == [im.bbox for im in want]
     assert [(r.clothes_type, r.pose) for r in got] == [(im.clothes_type, im.pose) for im in want]
   # Line numbers count the count line and the header.
-  assert plan.records["query"][0].line == 2 + 1 + [im.name for im in IMAGES].index(plan.records["query"][0].image_name)
+  first_query = plan.records["query"][0]
+  assert first_query.line == 2 + 1 + [im.name for im in IMAGES].index(first_query.image_name)
   assert plan.has_bbox
 
 
@@ -101,6 +102,8 @@ def _query_row_of_train_item():
   return replace_image(IMAGES, i, name="img/WOMEN/Dresses/id_00000002/09_1_front.jpg"), i
 
 
+HAT = replace_image(IMAGES, 0, name="img/WOMEN/Hats/id_00000002/1.jpg")
+
 BAD_PARTITIONS = {
     "wrong count line": (lambda: (fake_inshop.partition_text(IMAGES, count=13), IMAGES),
                          ["Eval/list_eval_partition.txt line 1: says 13 images but the file has 12 rows"]),
@@ -114,18 +117,18 @@ BAD_PARTITIONS = {
         lambda: (fake_inshop.partition_text(_query_row_of_train_item()[0]), _query_row_of_train_item()[0]),
         ["item id_00000002 is in train (line 3) and in query/gallery (line 8)"]),
     "unknown category": (
-        lambda: (fake_inshop.partition_text(replace_image(IMAGES, 0, name="img/WOMEN/Hats/id_00000002/1.jpg")),
-                 replace_image(IMAGES, 0, name="img/WOMEN/Hats/id_00000002/1.jpg")),
+        lambda: (fake_inshop.partition_text(HAT), HAT),
         ["line 3: unknown category 'WOMEN/Hats'"]),
     "item id differs from folder": (
-        lambda: (fake_inshop.partition_text(IMAGES).replace("id_00000007    train", "id_00000008    train", 1),
+        lambda: (fake_inshop.partition_text(IMAGES).replace("id_00000007    train", "id_00000008  train", 1),
                  IMAGES),
         ["line 5: item_id id_00000008 does not match the folder id_00000007"]),
     "name leaving the tree": (
         lambda: (fake_inshop.partition_text(IMAGES).replace("img/MEN/Denim/id_00000007/01_1_front.jpg",
                                                             "img/../../../etc/passwd", 1), IMAGES),
         ["line 5: 'img/../../../etc/passwd' is not an image name of the release"]),
-    "row with 2 fields": (lambda: (fake_inshop.partition_text(IMAGES).replace("id_00000011    ", "", 1), IMAGES),
+    "row with 2 fields": (lambda: (fake_inshop.partition_text(IMAGES).replace("id_00000011    ", "", 1),
+                                   IMAGES),
                           ["line 7: expected 3 fields (image_name item_id evaluation_status), found 2"]),
 }
 
@@ -185,14 +188,16 @@ def test_images_without_a_box_warn_and_stay_unknown(tmp_path):
   unboxed = next(r for r in plan.records["train"] if r.image_name == IMAGES[3].name)
   assert (unboxed.bbox, unboxed.clothes_type, unboxed.pose) == (None, 0, 0)
   boxed = next(r for r in plan.records["train"] if r.image_name == IMAGES[2].name)
-  assert (boxed.bbox, boxed.clothes_type, boxed.pose) == (IMAGES[2].bbox, IMAGES[2].clothes_type, IMAGES[2].pose)
+  assert (boxed.bbox, boxed.clothes_type, boxed.pose) == (
+      IMAGES[2].bbox, IMAGES[2].clothes_type, IMAGES[2].pose)
 
 
 def test_missing_files_and_broken_zip_are_reported(tmp_path):
   with pytest.raises(release.InshopDownloadError, match="does not exist"):
     release.validate_release(tmp_path / "nowhere")
   (tmp_path / "Img").mkdir()
-  with pytest.raises(release.InshopDownloadError, match=r"lacks Eval/list_eval_partition.txt .* and Img/img.zip"):
+  with pytest.raises(release.InshopDownloadError,
+                     match=r"lacks Eval/list_eval_partition.txt .* and Img/img.zip"):
     release.validate_release(tmp_path)
   fake_inshop.write_release(tmp_path, IMAGES)
   zip_path = tmp_path / "Img" / "img.zip"
@@ -253,7 +258,8 @@ def test_gender_configs_keep_global_labels(tmp_path):
       want = [im for im in IMAGES if im.split == split and im.category.startswith(gender + "/")]
       got = raw_records(builder, split)
       assert [r["image_name"].decode() for r in got] == [im.name for im in want]
-      assert [r["category"] for r in got] == [inshop_features.CATEGORY_NAMES.index(im.category) for im in want]
+      labels = [inshop_features.CATEGORY_NAMES.index(im.category) for im in want]
+      assert [r["category"] for r in got] == labels
 
 
 def test_partial_download_builds_with_a_warning(tmp_path, caplog):
@@ -265,7 +271,9 @@ def test_partial_download_builds_with_a_warning(tmp_path, caplog):
 
 
 def _truncated(jpeg: bytes) -> bytes:
-  return jpeg[:len(jpeg) // 2]
+  """Cut in the middle of the compressed scan: the headers still parse, only a full decode fails."""
+  start_of_scan = jpeg.index(b"\xff\xda")
+  return jpeg[:(start_of_scan + len(jpeg)) // 2]
 
 
 def _png(_: bytes) -> bytes:
@@ -280,7 +288,8 @@ def _png(_: bytes) -> bytes:
 @pytest.mark.parametrize("damage, reason", [(_truncated, "is not a readable JPEG"), (_png, "is a PNG file")])
 def test_bad_image_fails_the_build_and_leaves_no_dataset(tmp_path, form, damage, reason):
   bad = IMAGES[6]
-  fake_inshop.write_release(tmp_path / "manual", IMAGES, form=form, archive_bytes={bad.name: damage(bad.jpeg)})
+  fake_inshop.write_release(tmp_path / "manual", IMAGES, form=form,
+                            archive_bytes={bad.name: damage(bad.jpeg)})
   with pytest.raises(release.InshopDownloadError) as error:
     build(tmp_path / "manual", tmp_path / "data")
   assert f"{bad.name} (Eval/list_eval_partition.txt line 9) {reason}" in str(error.value)
@@ -307,6 +316,9 @@ def test_command_builds_and_summarizes(tmp_path, capsys):
   assert list(version_dir.glob("deepfashion_inshop-query.array_record-*"))
   assert cli.main(argv) == 0
   assert "already in" in capsys.readouterr().out
+  assert cli.main(argv + ["--overwrite"]) == 0
+  assert f"to {version_dir}" in capsys.readouterr().out
+  assert not [p for p in version_dir.parent.iterdir() if p.name != "1.0.0"]  # The old copy is gone.
 
 
 def test_command_reports_a_bad_download_without_traceback(tmp_path, capsys):

@@ -31,7 +31,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="folder holding Img/img.zip and Eval/list_eval_partition.txt (optional Anno/)")
   parser.add_argument("--data_dir", default=default_data_dir(),
                       help="TFDS data dir to write to (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-  parser.add_argument("--config", default="all", choices=[c.name for c in builder_lib.DeepfashionInshop.BUILDER_CONFIGS],
+  configs = [c.name for c in builder_lib.DeepfashionInshop.BUILDER_CONFIGS]
+  parser.add_argument("--config", default="all", choices=configs,
                       help="which genders to keep (default: all); labels are the same in every config")
   parser.add_argument("--overwrite", action="store_true", help="rebuild even if the dataset is already there")
   return parser.parse_args(argv)
@@ -46,9 +47,11 @@ def summary(builder: tfds.core.DatasetBuilder, plan: release.BuildPlan, files: r
   lines = [f"Wrote {name} {builder.version} in {took} to {builder.data_dir}"]
   for split, info in builder.info.splits.items():
     items = len({r.item_id for r in selected[split]})
-    lines.append(f"  {split:8s} {info.num_examples:6d} images of {items:5d} items in {info.num_shards} shards")
-  lines.append(f"  images from {files.images_label}; bbox/clothes_type/pose "
-               + (f"from {files.label(files.bbox)}" if files.bbox else "not annotated (no Anno/list_bbox_inshop.txt)"))
+    lines.append(f"  {split:8s} {info.num_examples:6d} images of {items:5d} items in {info.num_shards} "
+                 "shards")
+  annotations = (f"from {files.label(files.bbox)}" if files.bbox
+                 else "not annotated (no Anno/list_bbox_inshop.txt)")
+  lines.append(f"  images from {files.images_label}; bbox/clothes_type/pose {annotations}")
   if files.unused_annotations:
     lines.append("  present but not read: " + ", ".join(files.label(p) for p in files.unused_annotations))
   lines.append(f'Read it with: tfds.data_source("{name}", data_dir="{builder.data_dir_root}", split="train") '

@@ -145,8 +145,8 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
           height, width = release.check_jpeg(jpeg)
         except (OSError, ValueError) as e:
           reason = str(e) if str(e).startswith(("is ", "cannot ")) else f"cannot be read ({e})"
-          self._unreadable_images.append(f"{record.image_name} ({self._files.label(self._files.partition)} line "
-                                         f"{record.line}) {reason}.")
+          partition = self._files.label(self._files.partition)
+          self._unreadable_images.append(f"{record.image_name} ({partition} line {record.line}) {reason}.")
           continue
         progress.update()
         yield record.image_name, {
@@ -170,4 +170,5 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
       # Raised inside TFDS's incomplete dir, which is then deleted: no dataset is left that looks finished.
       raise release.InshopDownloadError(release.format_problems(
           f"{self._files.images_label} in {dl_manager.manual_dir}", self._unreadable_images,
-          "No dataset was written. Download the image archive again (or replace these files), then run again."))
+          "No dataset was written. Download the image archive again (or replace these files), then run "
+          "again."))

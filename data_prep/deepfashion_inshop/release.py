@@ -271,7 +271,8 @@ def _count_warnings(records: Sequence[ImageRecord], file_label: str) -> list[str
       "query/gallery items": len(query_items | gallery_items),
   }
   warnings = []
-  differences = [f"{counts[k]} {k} (full release: {v})" for k, v in REFERENCE_COUNTS.items() if counts[k] != v]
+  differences = [f"{counts[k]} {k} (full release: {v})"
+                 for k, v in REFERENCE_COUNTS.items() if counts[k] != v]
   if differences:
     warnings.append(f"{file_label} differs from the full DeepFashion In-shop release (a partial or modified "
                     f"download?): {'; '.join(differences)}. Published Recall@K numbers use the full release.")
