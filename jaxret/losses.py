@@ -11,7 +11,7 @@ returns a scalar. All of them
   * return float32 for float32 (or bfloat16) embeddings, float64 for float64 ones.
 
 An anchor is *valid* for a term when the tuples of that term exist for it (e.g. for batch-hard triplets:
-at least one positive, another sample with its label, and one negative). Means are over valid anchors
+at least one positive, i.e. another sample with its label, and one negative). Means are over valid anchors
 (or pairs); a mean over nothing is 0.
 
 The trainer looks losses up by config name with `get_loss(name)`; see `LOSSES`.
@@ -257,8 +257,8 @@ def category_quadruplet_loss(embeddings: jax.typing.ArrayLike,
     Scalar loss.
 
   References:
-    Khatami & Fadaeieslam, "QRCCapsNet: quadruplet-based ranking capsule network for fashion image
-    retrieval" (2022), Eq. 1.
+    Khatami & Fadaeieslam, "Fashion Image Retrieval With Quadruplet Capsule Networks" (QRCCapsNet), First
+    Conference on Artificial Intelligence and Smart Computing, 2022, Eq. 1.
   """
   distances = _distances(embeddings, squared=squared, metric=metric)
   item_labels = _check_labels(item_labels, distances.shape[0], "item_labels")
