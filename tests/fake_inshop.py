@@ -88,7 +88,7 @@ def make_images(rows=DEFAULT_ROWS, *, grayscale_index: int | None = 4) -> list[F
   return images
 
 
-def partition_text(images, *, count: int | None = None, header: str = PARTITION_HEADER) -> str:
+def partition_text(images, *, count: int | str | None = None, header: str = PARTITION_HEADER) -> str:
   """list_eval_partition.txt: count line, header, then fields padded with runs of spaces."""
   rows = [f"{im.name:<60s}{im.item_field:<15s}{im.split}" for im in images]
   return "\n".join([str(len(rows) if count is None else count), header, *rows]) + "\n"
