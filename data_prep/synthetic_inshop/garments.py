@@ -191,6 +191,12 @@ class Difficulty:
   # Main colours per category palette that products draw from. Fewer -> more products share colours, so
   # colour histograms confuse them more; shape and pattern cues are unaffected.
   palette_size: int = 5
+  # How many of ACCENT_COLOURS (white, black, cream, navy, red, grey) a pattern's second colour, trims and
+  # logos may use besides the category palette. Fewer -> more products share colour pairs.
+  accent_colours: int = 6
+  # Probability that a pattern is tonal: its second colour a lighter or darker shade of the main colour (navy
+  # on dark navy) rather than another colour. Higher -> colour pairs say less, the pattern's structure more.
+  tonal_prob: float = 0.0
   # Per-product random offset (0-255 RGB units) around its palette colours; larger -> colour identifies more.
   colour_jitter: float = 8.0
   # Probability that a product is patterned (else solid, where only shape details tell it from its peers).
@@ -215,7 +221,7 @@ class Difficulty:
     if len(self.view_weights) != len(VIEW_TYPES) or min(self.view_weights) < 0 or sum(self.view_weights) <= 0:
       raise ValueError(f"Difficulty.view_weights must be {len(VIEW_TYPES)} non-negative weights for "
                        f"{VIEW_TYPES}, not all zero; got {self.view_weights}.")
-    for name in ("pattern_prob", "occlusion_prob", "model_prob"):
+    for name in ("pattern_prob", "tonal_prob", "occlusion_prob", "model_prob"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"Difficulty.{name} is a probability, got {getattr(self, name)}.")
 
@@ -306,11 +312,16 @@ def sample_product(rng: np.random.Generator, category: int, difficulty: Difficul
   kind = kinds[int(rng.choice(len(kinds), p=np.asarray(weights) / sum(weights)))]
   palette = style.palette[:difficulty.palette_size]
   main_name = _pick(rng, palette)
-  others = [c for c in palette + ACCENT_COLOURS if c != main_name]
+  accents = ACCENT_COLOURS[:difficulty.accent_colours]
+  others = [c for c in dict.fromkeys(palette + accents) if c != main_name] or [main_name]
   second_name = _pick(rng, others)
   trim_name = _pick(rng, [c for c in others if c != second_name] or others)
   main = _jitter_colour(rng, main_name, difficulty.colour_jitter)
   second = _jitter_colour(rng, second_name, difficulty.colour_jitter)
+  if rng.random() < difficulty.tonal_prob:
+    # Lighten dark colours and darken light ones, so the pattern keeps a visible contrast.
+    luma = 0.299 * main[0] + 0.587 * main[1] + 0.114 * main[2]
+    second = _mix(main, (255, 255, 255), 0.45) if luma < 110 else _scale(main, 0.6)
   trim = _jitter_colour(rng, trim_name, difficulty.colour_jitter)
 
   is_top = kind in TOP_KINDS + ("dress", "jumpsuit", "romper")
@@ -404,7 +415,7 @@ def sample_product(rng: np.random.Generator, category: int, difficulty: Difficul
   elif kind in BOTTOM_KINDS and chance(0.12):
     logo, logo_size = _pick(rng, LOGO_SHAPES), 0.05
     logo_centre = (float(_pick(rng, (-0.2, 0.2))), 0.3)
-  logo_colour = _jitter_colour(rng, _pick(rng, [c for c in ACCENT_COLOURS + palette if c != main_name]),
+  logo_colour = _jitter_colour(rng, _pick(rng, others),
                                difficulty.colour_jitter)
 
   cuffs = ("rib" in style.extras and chance(0.8)) or ("cuffs" in style.extras and chance(0.4)) or chance(0.12)
