@@ -62,7 +62,7 @@ def get_builder(name: str, data_dir: str | None = None, *, prepare: bool = True)
   import data_prep.deepfashion_inshop  # pylint: disable=g-import-not-at-top,unused-import
   import data_prep.synthetic_inshop  # pylint: disable=g-import-not-at-top,unused-import
 
-  data_dir = data_dir or default_data_dir()
+  data_dir = os.path.expanduser(data_dir or default_data_dir())  # TFDS would make a folder named "~".
   family = name.split("/")[0].split(":")[0]
   if family not in ("synthetic_inshop", "deepfashion_inshop"):
     raise run_config.ConfigError(f"config.input.dataset={name!r} is not an In-shop dataset; use "
