@@ -241,7 +241,7 @@ def test_check_grads_float64(logit_update):
 
     assert f(u_hat).dtype == jnp.float64
     # Not for stop_gradient_inner=True: its gradient is by design not the derivative of the value.
-    jtu.check_grads(f, (u_hat,), order=2, modes=["rev"], atol=1e-6, rtol=1e-6)
+    jtu.check_grads(f, (u_hat,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 def test_stop_gradient_inner_treats_coupling_as_constant():

@@ -84,8 +84,8 @@ class CapsNetEmbedder(nn.Module):
     `embedding`: `[B, num_classes * capsule_dim]` float32 (see the module docstring for the modes), and
     `aux`: dict with "class_capsules" `[B, num_classes, capsule_dim]` float32, "capsule_lengths"
     `[B, num_classes]` float32 in [0, 1) (class scores for a margin loss) and "predicted_class" `[B]` int32.
-    The coupling coefficients `[B, in_caps, num_classes]` are sown as intermediates
-    ("class_capsules", "coupling"); get them with `mutable=["intermediates"]`.
+    The last iteration's coupling coefficients `[B, in_caps, num_classes]` are sown: with
+    `mutable=["intermediates"]` they come back as `state["intermediates"]["coupling"][0]`.
   """
   num_classes: int = 23
   capsule_dim: int = 16  # size of each class capsule
