@@ -14,6 +14,7 @@ compilation. A table goes to stdout; the last line is JSON with every number.
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -110,6 +111,7 @@ def main() -> None:
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  load_at_start = os.getloadavg()[0]
   results = []
   header = (f"{'loss':<22} {'B':>5} {'median ms':>10} {'min ms':>9} {'XLA MiB':>8} {'temp MiB':>9} "
             f"{'RSS+ MiB':>9} {'compile s':>9}")
@@ -133,7 +135,9 @@ def main() -> None:
       "numpy": np.__version__,
       "python": platform.python_version(),
       "device": str(jax.devices()[0].device_kind),
-      "cpu_count": __import__("os").cpu_count(),
+      "cpu_count": os.cpu_count(),
+      # Other processes on the machine slow the timings (not the memory numbers): 1-minute load averages.
+      "load_average_start_end": [load_at_start, os.getloadavg()[0]],
       "results": results,
   }))
 
