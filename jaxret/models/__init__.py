@@ -48,5 +48,5 @@ def get_model(name: str, **kwargs) -> nn.Module:
   return _MODELS[name](**kwargs)
 
 
-__all__ = ["MODEL_NAMES", "EMBEDDINGS", "get_model", "CapsNetEmbedder", "SCCapsNet", "RCCapsNet", "QRCCapsNet",
-           "capsule_embedding"]
+__all__ = ["MODEL_NAMES", "EMBEDDINGS", "get_model", "CapsNetEmbedder", "SCCapsNet", "RCCapsNet",
+           "QRCCapsNet", "capsule_embedding"]

@@ -26,7 +26,8 @@ References:
   F. Kinli, B. Ozcan, F. Kirac. Fashion Image Retrieval with Capsule Networks. ICCV Workshops 2019.
     Code: https://github.com/birdortyedi/image-retrieval-with-capsules
   M. Khatami, M. J. Fadaeieslam. Fashion Image Retrieval With Quadruplet Capsule Networks. First Conference
-    on Artificial Intelligence and Smart Computing, Semnan, 2022. Code: https://github.com/MahdiyeKhatami/QRCCapsNet
+    on Artificial Intelligence and Smart Computing, Semnan, 2022.
+    Code: https://github.com/MahdiyeKhatami/QRCCapsNet
 """
 
 from collections.abc import Sequence
@@ -194,7 +195,8 @@ class RCCapsNet(CapsNetEmbedder):
   def primary_capsules(self, images: jax.Array, train: bool) -> jax.Array:
     x = capsule_layers.ConvBlock(self.stem_features, kernel_size=self.stem_kernel_size, strides=2,
                                  dropout_rate=self.dropout_rate, batch_norm_momentum=self.batch_norm_momentum,
-                                 dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(images, train=train)
+                                 dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(
+                                     images, train=train)
     for index, features in enumerate(self.residual_features):
       x = capsule_layers.ResidualBlock(features, strides=2, leaky_relu_slope=self.leaky_relu_slope,
                                        batch_norm_momentum=self.batch_norm_momentum, dtype=self.dtype,
