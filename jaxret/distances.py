@@ -46,7 +46,8 @@ def _as_float(x: jax.typing.ArrayLike, name: str) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def pairwise_sq_euclidean_distances(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike | None = None) -> jax.Array:
+def pairwise_sq_euclidean_distances(x: jax.typing.ArrayLike,
+                                    y: jax.typing.ArrayLike | None = None) -> jax.Array:
   """Squared Euclidean distances with one matmul: |x|^2 + |y|^2 - 2 x y^T, clamped at 0.
 
   Args:

@@ -43,7 +43,8 @@ def semi_hard_oracle(d, labels):
   return chosen, valid
 
 
-@pytest.mark.parametrize("seed,num_labels,batch_size", [(0, 2, 8), (1, 3, 9), (2, 5, 15), (3, 7, 14), (4, 12, 24)])
+@pytest.mark.parametrize("seed,num_labels,batch_size",
+                         [(0, 2, 8), (1, 3, 9), (2, 5, 15), (3, 7, 14), (4, 12, 24)])
 def test_nearest_other_pair_with_ties(seed, num_labels, batch_size):
   rng = np.random.default_rng(seed)
   # Small integer coordinates: many pairs at exactly the same squared distance.
