@@ -6,6 +6,7 @@ once the number of devices is known.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 SMOKE_ARG = "smoke"
 
@@ -18,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a training config has, with defaults; config files change what their run needs."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds parameters, dropout, batch order and augmentation.
-  config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None: $TFDS_DATA_DIR.
+  config.data_dir = placeholder(str)  # TFDS data dir; None: $TFDS_DATA_DIR.
 
   config.input = ml_collections.ConfigDict()
   config.input.dataset = "synthetic_inshop/small"  # TFDS name: synthetic_inshop/* or deepfashion_inshop/*.
@@ -29,8 +30,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.input.crop_scale = (0.6, 1.0)  # Area fraction of the random resized crop.
   config.input.color_jitter = 0.2  # Relative strength of brightness and contrast jitter.
 
+  # The model's keyword arguments; None keeps the default of the model `name` (see docs/models.md). They are
+  # declared here so that any of them can be set from the command line (`--config.model.dropout_rate=0.1`).
   config.model = ml_collections.ConfigDict()
-  config.model.name = "rccapsnet"  # See jaxret.models.MODEL_NAMES; other fields are its keyword arguments.
+  config.model.name = "rccapsnet"  # See jaxret.models.MODEL_NAMES.
+  config.model.num_classes = placeholder(int)  # Class capsules (23 In-shop categories).
+  config.model.capsule_dim = placeholder(int)  # Size of each class capsule.
+  config.model.primary_capsule_types = placeholder(int)
+  config.model.primary_capsule_dim = placeholder(int)
+  config.model.routing_iterations = placeholder(int)
+  config.model.logit_update = placeholder(str)  # accumulate (Sabour et al.) or replace (published Keras code).
+  config.model.share_weights = placeholder(bool)  # One prediction matrix for all primary capsules.
+  config.model.embedding = placeholder(str)  # all, predicted, label, label_leaky_eval (leaks labels).
+  config.model.dropout_rate = placeholder(float)  # Spatial dropout after the convolution blocks.
+  config.model.stem_features = placeholder(int)
+  config.model.residual_features = placeholder(tuple)  # RC and QRC only.
+  config.model.conv_features = placeholder(tuple)  # SC only.
+  config.model.dtype = placeholder(str)  # Computation dtype, e.g. bfloat16; parameters stay float32.
 
   # Every loss has its own section, so that `--config.loss.name=triplet` switches losses from the command
   # line; the section of `name` holds that loss's keyword arguments (see jaxret/losses.py).

@@ -70,7 +70,10 @@ def make_loss_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, Mapp
 
 
 def model_from_config(config: ml_collections.ConfigDict):
-  kwargs = {k: v for k, v in config.model.items() if k != "name"}
+  """The model `config.model.name` with the fields of `config.model` that are set (not None)."""
+  kwargs = {k: v for k, v in config.model.items() if k != "name" and v is not None}
+  if "dtype" in kwargs:
+    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
   return models.get_model(config.model.name, **kwargs)
 
 
