@@ -194,6 +194,10 @@ class Difficulty:
   # How many of ACCENT_COLOURS (white, black, cream, navy, red, grey) a pattern's second colour, trims and
   # logos may use besides the category palette. Fewer -> more products share colour pairs.
   accent_colours: int = 6
+  # Colourways (main, second, trim colour triples) per category that all its products share; 0 -> every
+  # product draws its own colours. Few colourways -> many same-coloured siblings that only pattern and
+  # details tell apart.
+  colourways: int = 0
   # Probability that a pattern is tonal: its second colour a lighter or darker shade of the main colour (navy
   # on dark navy) rather than another colour. Higher -> colour pairs say less, the pattern's structure more.
   tonal_prob: float = 0.0
@@ -205,7 +209,8 @@ class Difficulty:
   detail_level: float = 1.0
   # Scales geometric change between views: rotation, translation, zoom, arm and leg pose.
   view_jitter: float = 1.0
-  # Scales photometric change between views: brightness, contrast, colour cast, light gradient, noise.
+  # Scales photometric change between views: brightness (x0.76..1.2), contrast (same), colour cast (+-10%
+  # per channel), light gradient, noise. Lighting moves colour histograms far more than a learned embedding.
   lighting_jitter: float = 1.0
   # Probability that a view has an occluder (a bag, a hand, a sign) over part of the garment.
   occlusion_prob: float = 0.15
@@ -291,6 +296,33 @@ def _pick(rng: np.random.Generator, options):
   return options[int(rng.integers(len(options)))]
 
 
+def _draw_colourway(rng: np.random.Generator, palette: tuple[str, ...], accents: tuple[str, ...]
+                    ) -> tuple[str, str, str]:
+  main = _pick(rng, palette)
+  others = [c for c in dict.fromkeys(palette + accents) if c != main] or [main]
+  second = _pick(rng, others)
+  return main, second, _pick(rng, [c for c in others if c != second] or others)
+
+
+def category_colourways(category: int, difficulty: Difficulty) -> list[tuple[str, str, str]]:
+  """The `difficulty.colourways` (main, second, trim) colour names that products of a category share.
+
+  They depend on the category and the colour knobs only (not on a dataset seed), cycling through the
+  palette's main colours so that a category's colourways use different mains where they can.
+  """
+  palette = CATEGORY_STYLES[category].palette[:difficulty.palette_size]
+  accents = ACCENT_COLOURS[:difficulty.accent_colours]
+  rng = np.random.default_rng([category, 7919])
+  ways = []
+  for i in range(difficulty.colourways):
+    main, second, trim = _draw_colourway(rng, palette, accents)
+    main = palette[i % len(palette)]
+    others = [c for c in dict.fromkeys(palette + accents) if c != main] or [main]
+    second = second if second in others else _pick(rng, others)
+    ways.append((main, second, trim if trim != second else _pick(rng, others)))
+  return ways
+
+
 def sample_product(rng: np.random.Generator, category: int, difficulty: Difficulty = Difficulty()) -> Product:
   """Draws one product of a category.
 
@@ -311,11 +343,12 @@ def sample_product(rng: np.random.Generator, category: int, difficulty: Difficul
   kinds, weights = zip(*style.kinds)
   kind = kinds[int(rng.choice(len(kinds), p=np.asarray(weights) / sum(weights)))]
   palette = style.palette[:difficulty.palette_size]
-  main_name = _pick(rng, palette)
   accents = ACCENT_COLOURS[:difficulty.accent_colours]
+  if difficulty.colourways:
+    main_name, second_name, trim_name = _pick(rng, category_colourways(category, difficulty))
+  else:
+    main_name, second_name, trim_name = _draw_colourway(rng, palette, accents)
   others = [c for c in dict.fromkeys(palette + accents) if c != main_name] or [main_name]
-  second_name = _pick(rng, others)
-  trim_name = _pick(rng, [c for c in others if c != second_name] or others)
   main = _jitter_colour(rng, main_name, difficulty.colour_jitter)
   second = _jitter_colour(rng, second_name, difficulty.colour_jitter)
   if rng.random() < difficulty.tonal_prob:
@@ -515,19 +548,19 @@ def sample_view(rng: np.random.Generator, product: Product, difficulty: Difficul
   side = _pick(rng, (-1, 1))
   occluder_box = (0.5 + side * float(rng.uniform(0.12, 0.32)), float(rng.uniform(0.3, 0.8)),
                   float(rng.uniform(0.07, 0.14)), float(rng.uniform(0.07, 0.16)))
-  cast = tuple(float(c) for c in np.exp(rng.uniform(-0.07, 0.07, 3) * light))
+  cast = tuple(float(c) for c in np.exp(rng.uniform(-0.1, 0.1, 3) * light))
   return View(
       view_type=view_type, on_model=on_model, flip=bool(rng.random() < 0.5),
       rotation=float(rng.uniform(-0.12, 0.12) * jit), zoom=zoom, squash=squash, centre=centre,
       shift=(float(rng.uniform(-0.05, 0.05) * jit), float(rng.uniform(-0.05, 0.05) * jit)),
       arm_angle=float(rng.uniform(0.12, 0.12 + 0.35 * jit)), leg_spread=float(rng.uniform(0.0, 0.12 * jit)),
       background=kind, background_colours=colours, background_param=float(rng.uniform(0.3, 0.8)),
-      brightness=float(np.exp(rng.uniform(-0.18, 0.12) * light)),
-      contrast=float(np.exp(rng.uniform(-0.18, 0.12) * light)), cast=cast,
-      light=(float(rng.uniform(-0.15, 0.15) * light), float(rng.uniform(-0.12, 0.06) * light)),
+      brightness=float(np.exp(rng.uniform(-0.27, 0.18) * light)),
+      contrast=float(np.exp(rng.uniform(-0.27, 0.18) * light)), cast=cast,
+      light=(float(rng.uniform(-0.22, 0.22) * light), float(rng.uniform(-0.18, 0.09) * light)),
       folds=tuple((float(rng.uniform(-0.4, 0.4)), float(rng.uniform(0.05, 0.15))) for _ in range(2)),
       occluder=occluder, occluder_colour=occluder_colour, occluder_box=occluder_box,
-      noise=float(rng.uniform(1.0, 3.0) * light), noise_seed=int(rng.integers(2**31)))
+      noise=float(rng.uniform(1.5, 4.5) * light), noise_seed=int(rng.integers(2**31)))
 
 
 # --------------------------------------------------------------------------------------------------------------
