@@ -3,9 +3,12 @@
 import dataclasses
 import importlib.util
 import json
+import os
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,12 +16,15 @@ import tensorflow_datasets as tfds
 
 from data_prep import inshop_features
 from data_prep import synthetic_inshop
+from data_prep.synthetic_inshop import __main__ as cli
 from data_prep.synthetic_inshop import garments
 from data_prep.synthetic_inshop import preview
 from data_prep.synthetic_inshop import synthetic_inshop as builder_lib
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-_NAME = re.compile(r"^img/(WOMEN|MEN)/([A-Za-z_]+)/id_(\d{8})/(\d{2})_(\d)_(front|side|back|full|additional)\.jpg$")
+# img/<GENDER>/<Category>/id_<8 digits>/<NN>_<view number>_<view type>.jpg
+_NAME = re.compile(r"^img/(WOMEN|MEN)/([A-Za-z_]+)/id_(\d{8})/(\d{2})_(\d)_(front|side|back|full|additional)"
+                   r"\.jpg$")
 _TINY = next(c for c in synthetic_inshop.BUILDER_CONFIGS if c.name == "tiny")
 
 
@@ -249,3 +255,21 @@ def test_importing_the_package_registers_the_builder(tmp_path):
   assert builder.builder_config is _TINY
   assert builder.info.file_format.value == "array_record"
   assert not builder.is_prepared()
+
+
+def test_command_prepares_a_config(tmp_path, capsys):
+  cli.main(["--config", "tiny", "--data_dir", str(tmp_path)])
+  assert "train 96" in capsys.readouterr().out
+  assert len(tfds.data_source("synthetic_inshop/tiny", data_dir=str(tmp_path), split="gallery")) == 24
+
+
+def test_workers_that_cannot_start_fail_with_advice(tmp_path):
+  # Spawned workers re-import the main script; without a __main__ guard they die while starting.
+  script = tmp_path / "unguarded.py"
+  script.write_text("from data_prep import synthetic_inshop\n"
+                    f"synthetic_inshop.SyntheticInshop(config='tiny', data_dir={str(tmp_path)!r}, "
+                    "num_workers=2).download_and_prepare()\n")
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(_REPO)})
+  assert result.returncode != 0
+  assert "__name__" in result.stderr and "num_workers=0" in result.stderr

@@ -154,7 +154,8 @@ _STYLES_BY_NAME = {
     "MEN/Shirts_Polos": CategoryStyle(
         kinds=(("top", 1.0),), palette=("white", "skyblue", "navy", "black", "grey", "red", "green", "pink"),
         necklines=("collar", "collar", "mandarin"), sleeves=("short", "long"),
-        patterns=("solid", "hstripes", "vstripes", "checks", "plaid", "dots", "floral"), extras=("placket", "polo")),
+        patterns=("solid", "hstripes", "vstripes", "checks", "plaid", "dots", "floral"),
+        extras=("placket", "polo")),
     "MEN/Shorts": CategoryStyle(
         kinds=(("shorts", 1.0),), palette=("khaki", "navy", "grey", "olive", "black", "denim", "red", "blue"),
         patterns=_BOTTOM_PATTERNS, extras=("belt", "sidestripe", "cuffs")),
@@ -676,7 +677,8 @@ class _Canvas:
     return [tuple(q) for q in (np.asarray(points, np.float64) @ self.matrix.T + self.offset).tolist()]
 
   def polygon(self, points: np.ndarray, fill: Colour, outline: Colour | None = None):
-    self.draw.polygon(self.to_pixels(points), fill=tuple(fill), outline=None if outline is None else tuple(outline))
+    outline = None if outline is None else tuple(outline)
+    self.draw.polygon(self.to_pixels(points), fill=tuple(fill), outline=outline)
 
   def line(self, points: np.ndarray, fill: Colour, width: float):
     self.draw.line(self.to_pixels(points), fill=tuple(fill), width=max(1, int(round(width * self.unit))))
@@ -865,7 +867,8 @@ def _neck_hole(p: Product) -> np.ndarray | None:
   if p.neckline == "square":
     return _rect(-0.15, NECK_Y - 0.01, 0.15, NECK_Y + 0.16)
   if p.neckline in ("boat", "strap"):
-    return _ellipse(0.0, NECK_Y, 0.19 if p.neckline == "boat" else 0.17, 0.07 if p.neckline == "boat" else 0.15, 16)
+    boat = p.neckline == "boat"
+    return _ellipse(0.0, NECK_Y, 0.19 if boat else 0.17, 0.07 if boat else 0.15, 16)
   if p.neckline in ("collar", "mandarin", "lapels"):
     return np.array([(-0.09, NECK_Y - 0.01), (0.09, NECK_Y - 0.01), (0.0, NECK_Y + 0.14)])
   return None
@@ -944,7 +947,8 @@ def _draw_details(canvas: _Canvas, p: Product, view: View):
       for i in range(p.buttons):
         y = top_y + 0.04 + (end_y - top_y - 0.04) * (i / max(1, p.buttons - 1) if p.buttons > 1 else 0.0)
         for x in columns:
-          canvas.polygon(_ellipse(x, y, 0.022, 0.022, 8), p.trim if p.kind not in ("top",) else _scale(p.main, 0.5))
+          button = _scale(p.main, 0.5) if p.kind == "top" else p.trim
+          canvas.polygon(_ellipse(x, y, 0.022, 0.022, 8), button)
   if not back and p.kind in BOTTOM_KINDS + ("jumpsuit", "romper") and p.kind not in ("skirt", "leggings"):
     canvas.line(np.array([(0.0, WAIST_Y + 0.05), (0.02, CROTCH_Y - 0.07)]), seam, 0.012)  # fly
 
@@ -954,8 +958,8 @@ def _draw_details(canvas: _Canvas, p: Product, view: View):
     if p.pockets in ("jeans", "patch", "flap") and not is_top or p.kind in ("jumpsuit", "romper"):
       if back and p.pockets in ("jeans", "patch", "flap"):
         for sign in (-1, 1):
-          canvas.polygon(np.array([(sign * 0.07, 0.12), (sign * 0.24, 0.12), (sign * 0.23, 0.3), (sign * 0.155, 0.34),
-                                   (sign * 0.08, 0.3)]), pocket_fill, outline=seam)
+          patch = [(0.07, 0.12), (0.24, 0.12), (0.23, 0.3), (0.155, 0.34), (0.08, 0.3)]
+          canvas.polygon(np.array(patch) * np.array([sign, 1.0]), pocket_fill, outline=seam)
       elif not back and p.kind != "skirt":
         for sign in (-1, 1):
           canvas.line(np.array([(sign * 0.16, WAIST_Y + 0.03), (sign * 0.27 * p.fit, 0.16)]), seam, 0.02)

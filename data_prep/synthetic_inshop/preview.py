@@ -55,7 +55,8 @@ def contact_sheet(config: synthetic_inshop.SyntheticInshopConfig, num_products: 
     product, _ = synthetic_inshop.product_and_views(config, item)
     top = _GAP + row * (cell + _GAP)
     category = inshop_features.CATEGORY_NAMES[item.category]
-    draw.text((4, top + 4), f"{category}\nid_{item.item_id:08d}\n{product.kind}, {product.pattern}", fill=(0, 0, 0))
+    label = f"{category}\nid_{item.item_id:08d}\n{product.kind}, {product.pattern}"
+    draw.text((4, top + 4), label, fill=(0, 0, 0))
     for column in range(num_views):
       view_item = synthetic_inshop.ItemLayout(item.item_id, item.category, column, 1)
       _, [(_, view)] = synthetic_inshop.product_and_views(config, view_item)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None):
   parser.add_argument("--zoom", type=int, default=2, help="nearest-neighbour upscaling of each image")
   args = parser.parse_args(argv)
   sheet = contact_sheet(_config(args.config), args.products, args.views, args.zoom)
-  Image.fromarray(sheet).save(args.out)
+  Image.fromarray(sheet).save(args.out, optimize=True)
   print(f"wrote {args.out} ({sheet.shape[1]}x{sheet.shape[0]})")
 
 

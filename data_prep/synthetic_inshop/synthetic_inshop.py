@@ -14,6 +14,8 @@ Every image is seeded from (config seed, item id, view index), so a rebuild writ
 order or number of worker processes.
 """
 
+import collections
+from concurrent import futures
 import dataclasses
 import io
 import json
@@ -28,6 +30,8 @@ from PIL import Image
 from data_prep import inshop_features
 from data_prep.synthetic_inshop import garments
 
+# Items rendered per worker task: large enough to amortise inter-process traffic, small enough to stream.
+_ITEMS_PER_TASK = 16
 # Tags that keep the random streams of the split layout, the products and the views apart.
 _LAYOUT_STREAM, _PRODUCT_STREAM, _VIEW_STREAM = 1, 2, 3
 
@@ -170,8 +174,9 @@ def render_item(config: SyntheticInshopConfig, item: ItemLayout) -> list[tuple[s
   return examples
 
 
-def _render_task(task: tuple[SyntheticInshopConfig, ItemLayout]) -> list[tuple[str, dict]]:
-  return render_item(*task)
+def render_items(config: SyntheticInshopConfig, items: list[ItemLayout]) -> list[tuple[str, dict]]:
+  """`render_item` over several items (one task of a worker process)."""
+  return [example for item in items for example in render_item(config, item)]
 
 
 class SyntheticInshop(tfds.core.GeneratorBasedBuilder):
@@ -182,9 +187,13 @@ class SyntheticInshop(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = BUILDER_CONFIGS
   DEFAULT_CONFIG_NAME = "small"
 
-  def __init__(self, *, file_format: str | None = None, **kwargs):
+  def __init__(self, *, file_format: str | None = None, num_workers: int | None = None, **kwargs):
+    """See `tfds.core.GeneratorBasedBuilder`; `num_workers` overrides the config's (same data either way)."""
     # ArrayRecord by default: random access for grain, and no TensorFlow needed to write or read it.
     super().__init__(file_format=file_format or "array_record", **kwargs)
+    num_workers = self.builder_config.num_workers if num_workers is None else num_workers
+    self._num_workers = (os.cpu_count() or 1) if num_workers < 0 else num_workers
+    self._pool = None  # worker processes, shared by the splits while download_and_prepare runs
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -211,22 +220,38 @@ class SyntheticInshop(tfds.core.GeneratorBasedBuilder):
             f"{self.data_dir} holds synthetic_inshop/{self.builder_config.name} generated with other settings "
             f"({stored}) than the config now asks for ({self.builder_config.settings()}). Delete that folder to "
             f"regenerate it, or give the changed config a new name.")
-    super().download_and_prepare(**kwargs)
+    try:
+      super().download_and_prepare(**kwargs)
+    finally:
+      if self._pool is not None:
+        self._pool.shutdown(cancel_futures=True)
+        self._pool = None
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Nothing to download.
     layout = split_layout(self.builder_config)
+    if self._num_workers > 1 and self._pool is None:
+      # Spawned, not forked: the caller may already run JAX threads, which fork does not copy safely.
+      self._pool = futures.ProcessPoolExecutor(self._num_workers, mp_context=multiprocessing.get_context("spawn"))
     return {split: self._generate_examples(layout[split]) for split in inshop_features.SPLITS}
 
   def _generate_examples(self, items: list[ItemLayout]) -> Iterator[tuple[str, dict]]:
     config = self.builder_config
-    workers = os.cpu_count() if config.num_workers < 0 else config.num_workers
-    tasks = [(config, item) for item in items]
-    if workers <= 1:
-      for task in tasks:
-        yield from _render_task(task)
+    if self._pool is None:
+      for item in items:
+        yield from render_item(config, item)
       return
-    # Spawned (not forked) workers: the caller may already run JAX threads, which fork does not copy safely.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      for examples in pool.imap(_render_task, tasks, chunksize=16):
-        yield from examples
+    # At most 2 tasks per worker in flight, yielded in order: memory stays flat however large the split.
+    pending = collections.deque()
+    try:
+      for start in range(0, len(items), _ITEMS_PER_TASK):
+        pending.append(self._pool.submit(render_items, config, items[start:start + _ITEMS_PER_TASK]))
+        if len(pending) >= 2 * self._num_workers:
+          yield from pending.popleft().result()
+      while pending:
+        yield from pending.popleft().result()
+    except futures.process.BrokenProcessPool as e:
+      raise RuntimeError(
+          "synthetic_inshop: a worker process died. If download_and_prepare() runs in a script, call it under "
+          "`if __name__ == \"__main__\":` (worker processes re-import the main module), or pass num_workers=0 "
+          "to the builder to render in this process.") from e
