@@ -91,7 +91,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx, 
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
                             batch_stats=updates["batch_stats"], opt_state=opt_state)
-  step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
   return new_state, step_metrics
 
 

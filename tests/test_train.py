@@ -1,0 +1,149 @@
+"""The real trainer, end to end on the synthetic dataset: smoke runs, 8 fake devices, kill and resume, errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from jaxret import input_pipeline
+from jaxret import run_config
+from jaxret import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.py")
+
+
+def load_config(path, arg=None, **overrides):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("config_under_test", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def run_trainer(workdir, data_dir, *extra, devices=1, background=False):
+  env = dict(os.environ, TFDS_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  command = [sys.executable, "-m", "jaxret.train", "--config", f"{DEMO}:smoke", "--workdir", str(workdir), *extra]
+  if background:
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """The tiny synthetic dataset, generated once for this module."""
+  path = tmp_path_factory.mktemp("tfds")
+  input_pipeline.get_builder("synthetic_inshop/tiny", str(path))
+  return path
+
+
+def test_smoke_run_in_process_compiles_the_step_once(tmp_path, data_dir, monkeypatch):
+  traces = []
+  original = train.train_step
+
+  def counting_train_step(*args, **kwargs):
+    traces.append(1)  # Runs only while jax traces the step.
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train, "train_step", counting_train_step)
+  config = load_config(DEMO, "smoke", data_dir=str(data_dir))
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert len(traces) == 1
+  rows = read_metrics(tmp_path)
+  steps_with_loss = [r["step"] for r in rows if "loss" in r]
+  assert steps_with_loss == list(range(config.log_every, config.total_steps + 1, config.log_every))
+  evals = [r for r in rows if "recall@1" in r]
+  assert [r["step"] for r in evals] == [0, 3, 6]  # untrained, every eval_every, and the end
+  assert all(0 <= r["recall@1"] <= r["recall@50"] <= 1 for r in evals)
+  assert result["recall@1"] == evals[-1]["recall@1"]
+  assert result["loss"] == [r["loss"] for r in rows if "loss" in r][-1]
+  for picture in ("retrievals.png", "curves.png"):
+    assert (tmp_path / picture).stat().st_size > 10_000
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "rccapsnet_tiny"
+
+
+def test_smoke_run_on_8_fake_devices(tmp_path, data_dir):
+  completed = run_trainer(tmp_path, data_dir, devices=8)
+  assert completed.returncode == 0, completed.stdout + completed.stderr
+  assert "Untrained network: R@1" in completed.stdout
+  assert "| Model | R@1 | R@10 |" in completed.stdout
+  rows = read_metrics(tmp_path)
+  assert rows[-1]["step"] == 6 and "recall@1" in rows[-1]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
+  longer = ["--config.total_steps=60", "--config.checkpoint_every=5", "--config.eval_every=60"]
+  reference = run_trainer(tmp_path / "reference", data_dir, *longer)
+  assert reference.returncode == 0, reference.stderr
+
+  workdir = tmp_path / "interrupted"
+  process = run_trainer(workdir, data_dir, *longer, background=True)
+  checkpoints = workdir / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+      break
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  finished = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert finished and finished[-1] < 60, f"the run was not interrupted: checkpoints {finished}"
+
+  resumed = run_trainer(workdir, data_dir, *longer)
+  assert resumed.returncode == 0, resumed.stderr
+  assert "Untrained network" not in resumed.stdout  # It resumed instead of starting again.
+  want, got = read_metrics(tmp_path / "reference"), read_metrics(workdir)
+  assert [r["step"] for r in got] == [r["step"] for r in want]  # No duplicated or missing lines.
+  for a, b in zip(got, want):
+    for key in a:
+      if key not in ("images_per_sec",):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"input.batch_size": 18}, "config.input.batch_size=18 is not divisible by config.input.images_per_product"),
+    ({"input.images_per_product": 1}, "config.input.images_per_product=1 must be at least 2"),
+    ({"model.name": "capsnet9000"}, "config.model.name='capsnet9000' is not a known model"),
+    ({"loss.name": "hinge"}, "config.loss.name='hinge' is not a known loss"),
+])
+def test_bad_config_stops_before_compiling(tmp_path, overrides, field, monkeypatch):
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before the config was checked"))
+  config = load_config(DEMO, "smoke", **overrides)
+  with pytest.raises(run_config.ConfigError, match=field.replace("(", r"\(").replace("[", r"\[")):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_batch_not_divisible_by_devices_names_the_field():
+  config = load_config(DEMO, "smoke", **{"input.batch_size": 12, "input.images_per_product": 3})
+  with pytest.raises(run_config.ConfigError, match="config.input.batch_size=12 is not divisible by the 8 devices"):
+    run_config.validate(config, device_count=8)
+
+
+def test_inshop_config_without_the_dataset_says_how_to_prepare_it(tmp_path):
+  completed = subprocess.run(
+      [sys.executable, "-m", "jaxret.train", "--config", str(REPO / "configs" / "inshop_quad.py"),
+       "--workdir", str(tmp_path / "run"), f"--config.data_dir={tmp_path / 'empty'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert completed.returncode != 0
+  assert "python -m data_prep.deepfashion_inshop --manual_dir" in completed.stderr
+  assert "Traceback" not in completed.stderr
