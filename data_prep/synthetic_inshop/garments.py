@@ -89,7 +89,7 @@ _STYLES_BY_NAME = {
     "WOMEN/Cardigans": CategoryStyle(
         kinds=(("jacket", 1.0),), palette=("grey", "cream", "black", "navy", "camel", "burgundy", "pink", "olive"),
         necklines=("v", "round"), sleeves=("long", "threequarter"), patterns=_KNIT_PATTERNS, texture="knit",
-        extras=("cardigan", "rib")),
+        extras=("rib",)),
     "WOMEN/Denim": CategoryStyle(
         kinds=(("pants", 0.6), ("shorts", 0.25), ("jacket", 0.15)),
         palette=("denim", "darkdenim", "lightdenim", "black", "white", "grey", "blue", "skyblue"),
@@ -224,6 +224,11 @@ class Difficulty:
     if not 1 <= self.palette_size <= 8:
       raise ValueError(f"Difficulty.palette_size must be in [1, 8] (each category lists 8 colours), got "
                        f"{self.palette_size}.")
+    if not 0 <= self.accent_colours <= len(ACCENT_COLOURS) or self.colourways < 0:
+      raise ValueError(f"Difficulty.accent_colours must be in [0, {len(ACCENT_COLOURS)}] and colourways >= 0, got "
+                       f"{self.accent_colours} and {self.colourways}.")
+    if min(self.colour_jitter, self.detail_level, self.view_jitter, self.lighting_jitter) < 0:
+      raise ValueError("Difficulty.colour_jitter, detail_level, view_jitter and lighting_jitter must be >= 0.")
     if len(self.view_weights) != len(VIEW_TYPES) or min(self.view_weights) < 0 or sum(self.view_weights) <= 0:
       raise ValueError(f"Difficulty.view_weights must be {len(VIEW_TYPES)} non-negative weights for "
                        f"{VIEW_TYPES}, not all zero; got {self.view_weights}.")
