@@ -31,6 +31,7 @@ import threading
 import grain
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -268,7 +269,8 @@ class Embedder:
     self.step = int(step)
     self.metric = self.config.evals.metric
     if self.metric not in METRIC_TYPES:
-      raise CatalogError(f"config.evals.metric={self.metric!r} in {config_path}; use one of {list(METRIC_TYPES)}.")
+      raise CatalogError(f"config.evals.metric={self.metric!r} in {config_path}; use one of "
+                         f"{list(METRIC_TYPES)}.")
     self.model = train.model_from_config(self.config)
     size = self.config.input.image_size
 
@@ -278,7 +280,7 @@ class Embedder:
 
     def init():
       key = jax.random.key(0)
-      variables = self.model.init({"params": key, "dropout": key}, jax.numpy.zeros((1, size, size, 3)),
+      variables = self.model.init({"params": key, "dropout": key}, jnp.zeros((1, size, size, 3)),
                                   train=False)
       return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
@@ -297,8 +299,8 @@ class Embedder:
     self.fingerprint = _variables_fingerprint(self.config, variables)
     self._embed = jax.jit(functools.partial(train.embed_step, model=self.model),
                           in_shardings=(replicated, self.data_sharding), out_shardings=self.data_sharding)
-    self.dim = int(jax.eval_shape(self._embed, self.state,
-                                  jax.ShapeDtypeStruct((self.num_devices, size, size, 3), np.float32)).shape[1])
+    sample = jax.ShapeDtypeStruct((self.num_devices, size, size, 3), np.float32)
+    self.dim = int(jax.eval_shape(self._embed, self.state, sample).shape[1])
 
   @property
   def num_devices(self) -> int:
@@ -607,7 +609,8 @@ class Catalog:
                          f"{len(item_ids)}, {len(categories)} and {len(images)}.")
     too_long = [name for name in images if len(name) > _MAX_IMAGE_CHARS]
     if too_long:
-      raise CatalogError(f"Image names must have at most {_MAX_IMAGE_CHARS} characters: {too_long[0][:80]}...")
+      raise CatalogError(f"Image names must have at most {_MAX_IMAGE_CHARS} characters: "
+                         f"{too_long[0][:80]}...")
     if not self.exists():
       self._create()
     rows = {}  # By key: the same image given twice is written once, the last one kept.
@@ -670,8 +673,10 @@ class Catalog:
       raise CatalogError(f"Expected [Q, {self.embedder.dim}] query embeddings, got {embeddings.shape}.")
     if k < 1:
       raise CatalogError(f"k must be at least 1, got {k}.")
-    params = {"metric_type": self.metric_type,
-              "params": self._search_params if self._search_params is not None else self.default_search_params(k)}
+    search_params = self._search_params
+    if search_params is None:
+      search_params = self.default_search_params(k)
+    params = {"metric_type": self.metric_type, "params": search_params}
     rows = max(1, self.count())
     per_request = int(np.clip(_SEARCH_FLOATS // (rows * self.embedder.dim), 1, 1024))
     results = []

@@ -24,7 +24,8 @@ def parse_args(argv):
   # argparse, not absl flags: jaxret.train (imported for its model and embedding step) already defines
   # absl's --workdir, and these tools must run beside it in one process (tests, notebooks).
   parser = argparse.ArgumentParser(prog="python -m jaxret.index", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="Training run whose latest checkpoint embeds the images.")
+  parser.add_argument("--workdir", required=True,
+                      help="Training run whose latest checkpoint embeds the images.")
   parser.add_argument("--uri", default=catalog.DEFAULT_URI,
                       help="Milvus Lite file (PATH.db) or server (http://host:19530). Default: %(default)s.")
   what = parser.add_mutually_exclusive_group()
@@ -35,7 +36,8 @@ def parse_args(argv):
                       help="Vector index of a new collection (default FLAT: exact search).")
   parser.add_argument("--overwrite", action="store_true",
                       help="Drop the collection first (to change model or index type).")
-  parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: the run's, else $TFDS_DATA_DIR).")
+  parser.add_argument("--data_dir", default=None,
+                      help="TFDS data dir (default: the run's, else $TFDS_DATA_DIR).")
   return parser.parse_args(argv)
 
 
@@ -58,9 +60,10 @@ def main(argv=None) -> int:
         written = shop.add_split(split)
         what = f"{shop.embedder.config.input.dataset} {split} images"
       embedder = shop.embedder
-      print(f"Indexed {written} {what} in {time.perf_counter() - start:.1f} s: collection {args.collection!r} "
-            f"in {shop.uri} now holds {shop.count()} images ({shop.index_type()} index, {shop.metric_type} "
-            f"metric, {embedder.dim}-d embeddings of {embedder.config.model.name} at step {embedder.step}).")
+      print(f"Indexed {written} {what} in {time.perf_counter() - start:.1f} s: collection "
+            f"{args.collection!r} in {shop.uri} now holds {shop.count()} images ({shop.index_type()} index, "
+            f"{shop.metric_type} metric, {embedder.dim}-d embeddings of {embedder.config.model.name} at step "
+            f"{embedder.step}).")
   except (catalog.CatalogError, run_config.ConfigError, input_pipeline.DatasetNotPreparedError) as e:
     # Problems a user can fix: the message, not a traceback.
     print(f"error: {e}", file=sys.stderr)

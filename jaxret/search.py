@@ -42,8 +42,8 @@ def format_table(hits: list[Hit]) -> str:
   widths = [max(len(row[c]) for row in rows) for c in range(4)]
   lines = []
   for row in rows:
-    cells = [row[0].rjust(widths[0]), row[1].rjust(widths[1]), row[2].rjust(widths[2]), row[3].ljust(widths[3])]
-    lines.append("  ".join(cells + [row[4]]))
+    cells = [row[c].rjust(widths[c]) for c in range(3)] + [row[3].ljust(widths[3]), row[4]]
+    lines.append("  ".join(cells))
   return "\n".join(lines)
 
 
@@ -81,7 +81,8 @@ def write_html(path: str, queries: list[str], results: list[list[Hit]], thumbnai
     for hit, thumb in zip(hits, hit_thumbs):
       item = hit.item_id if hit.item_id >= 0 else "-"
       parts.append(
-          f"<figure class='{_verdict(query_item, hit)}'><img src='{_data_uri(thumb)}' alt='result {hit.rank}'>"
+          f"<figure class='{_verdict(query_item, hit)}'>"
+          f"<img src='{_data_uri(thumb)}' alt='result {hit.rank}'>"
           f"<figcaption><b>{hit.rank}</b> d={hit.distance:.3f}<br>item {item} · "
           f"{html.escape(hit.category_name)}<br>{html.escape(hit.image)}</figcaption></figure>")
     parts.append("</div>")
@@ -106,10 +107,11 @@ def plot_results(path: str, queries: list[str], results: list[list[Hit]],
       axes[row, column].axis("off")
     for hit, thumb in zip(hits, hit_thumbs):
       axes[row, hit.rank].axis("on")
-      pictures._show(axes[row, hit.rank], thumb,  # pylint: disable=protected-access
-                     f"{hit.rank}: d={hit.distance:.2f}\nitem {hit.item_id}", colours[_verdict(query_item, hit)])
-  fig.suptitle("Query photo and its nearest catalogue images" +
-               (" (green: same product)" if any(catalog.labels_from_path(q)[0] >= 0 for q in queries) else ""),
+      title = f"{hit.rank}: d={hit.distance:.2f}\nitem {hit.item_id}"
+      pictures._show(axes[row, hit.rank], thumb, title,  # pylint: disable=protected-access
+                     colours[_verdict(query_item, hit)])
+  known = any(catalog.labels_from_path(q)[0] >= 0 for q in queries)
+  fig.suptitle("Query photo and its nearest catalogue images" + (" (green: same product)" if known else ""),
                fontsize=10)
   fig.tight_layout()
   pictures._save(fig, path)  # pylint: disable=protected-access
@@ -142,7 +144,8 @@ def parse_args(argv):
                       help="HTML page of the results; a PNG is written beside it. Default: %(default)s.")
   parser.add_argument("--split", default=None, help="With --recall: the split whose images are the queries.")
   parser.add_argument("--recall", action="store_true", help="Print Recall@K of --split (default: query).")
-  parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: the run's, else $TFDS_DATA_DIR).")
+  parser.add_argument("--data_dir", default=None,
+                      help="TFDS data dir (default: the run's, else $TFDS_DATA_DIR).")
   args = parser.parse_args(argv)
   if args.recall == bool(args.image):
     parser.error("give either --image PATH (search a photo) or --recall [--split query] (measure Recall@K).")
@@ -159,7 +162,8 @@ def run_recall(shop: Catalog, split: str) -> None:
   embedder = shop.embedder
   print(f"{split} images searched against {shop.count()} images of collection {shop.collection!r} "
         f"({shop.index_type()} index) in {time.perf_counter() - start:.1f} s:")
-  print(train.recall_table(recalls, f"{embedder.config.model.name} step {embedder.step}, {shop.index_type()}"))
+  name = f"{embedder.config.model.name} step {embedder.step}, {shop.index_type()}"
+  print(train.recall_table(recalls, name))
   exact = logged_recall(embedder.workdir, embedder.step)
   if exact is not None:
     print("Exact evaluation of the same checkpoint (metrics.jsonl, query vs gallery): " +

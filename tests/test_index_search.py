@@ -167,7 +167,8 @@ def test_another_dimension_or_model_is_refused(run, embedder, tmp_path):
     other.upsert(np.ones((2, 7)), [1, 2], [0, 0], ["a.jpg", "b.jpg"], catalog.FILE_SOURCE)
   with pytest.raises(catalog.CatalogError, match=r"7-dimensional vectors .* makes \d+-dimensional"):
     catalog.Catalog(run[0], uri, "small", embedder=embedder)
-  with catalog.Catalog(run[0], uri, "same_size", embedder=fake_embedder(embedder, fingerprint="0" * 16)) as other:
+  another_model = fake_embedder(embedder, fingerprint="0" * 16)
+  with catalog.Catalog(run[0], uri, "same_size", embedder=another_model) as other:
     other.upsert(np.ones((1, embedder.dim)), [1], [0], ["a.jpg"], catalog.FILE_SOURCE)
   with pytest.raises(catalog.CatalogError, match="not by the model at step 2"):
     catalog.Catalog(run[0], uri, "same_size", embedder=embedder)
@@ -233,7 +234,8 @@ def test_milvus_lite_lock_is_released_on_close(run, embedder, tmp_path):
   first.close()
   assert catalog._lite_folder_locked(uri)  # pylint: disable=protected-access
   second.close()
-  assert not catalog._lite_folder_locked(uri)  # pylint: disable=protected-access  (another process may open it)
+  # Another process may open it now.
+  assert not catalog._lite_folder_locked(uri)  # pylint: disable=protected-access
 
 
 def test_command_lines_index_search_and_recall(run, embedder, splits, tmp_path, capsys, monkeypatch):
