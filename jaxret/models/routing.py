@@ -1,9 +1,11 @@
 """Capsule math as pure functions: squash, capsule length and dynamic routing by agreement.
 
 Everything here works on arrays and holds no parameters; the Flax layers in `capsule_layers.py` call it.
-`dynamic_routing` is written for one example (`[in_caps, out_caps, out_dim]`) and `jax.vmap`-ed over any
-leading batch dimensions; the routing iterations are an unrolled Python loop over a static count, so the
-whole routing is one XLA computation under `jax.jit`.
+`dynamic_routing` works on any leading batch dimensions at once (`[..., in_caps, out_caps, out_dim]`) with
+batched einsums; the routing iterations are an unrolled Python loop over a static count, so the whole routing
+is one XLA computation under `jax.jit`. (Batched einsums rather than a `jax.vmap` of the one-example function:
+the vmapped first iteration, whose coupling does not depend on the example, became a dot with the batch as a
+free dimension and a transpose of its result; see docs/benchmarks.md.)
 
 Precision: for half-precision inputs (bfloat16, float16) the routing logits, the softmax, the squash and the
 outputs are float32; the products with the big prediction tensor are taken in the input dtype and summed in
@@ -14,8 +16,6 @@ References:
   S. Sabour, N. Frosst, G. E. Hinton. Dynamic Routing Between Capsules. NeurIPS 2017.
   https://arxiv.org/abs/1710.09829 (Procedure 1 and Eq. 1).
 """
-
-import functools
 
 import jax
 from jax import lax
@@ -76,24 +76,30 @@ def capsule_length(v: jax.typing.ArrayLike, axis: int = -1, eps: float = 1e-20) 
   return jnp.sqrt(jnp.sum(jnp.square(v), axis=axis) + eps)
 
 
-def _route_one_example(u_hat: jax.Array, num_iterations: int, logit_update: str,
-                       stop_gradient_inner: bool) -> tuple[jax.Array, jax.Array]:
-  """Procedure 1 for one example: `[in_caps, out_caps, out_dim]` -> (`[out_caps, out_dim]`, coupling)."""
+def _route(u_hat: jax.Array, num_iterations: int, logit_update: str,
+           stop_gradient_inner: bool) -> tuple[jax.Array, jax.Array]:
+  """Procedure 1: `[..., in_caps, out_caps, out_dim]` -> (`[..., out_caps, out_dim]`, coupling)."""
   dtype = _routing_dtype(u_hat.dtype)
+  num_out = u_hat.shape[-2]
   u_hat_inner = lax.stop_gradient(u_hat) if stop_gradient_inner else u_hat
-  # b_ij starts at zero for every example: a fresh array here, never a parameter or carried state.
-  logits = jnp.zeros(u_hat.shape[:2], dtype)  # b: [in_caps, out_caps]
+  # b_ij starts at zero for every example, so the first coupling is uniform, 1 / out_caps: it is not built
+  # (a constant of the batch's shape that XLA would fold at compile time), the first s is a plain sum.
+  logits = None  # b: [..., in_caps, out_caps]
   for iteration in range(num_iterations):
     is_last = iteration == num_iterations - 1
     u = u_hat if is_last else u_hat_inner
-    # c_i = softmax(b_i) over the parents j (out_caps, the last axis): each input capsule spreads a unit of
-    # vote over the output capsules. A softmax over in_caps would be a different (wrong) algorithm.
-    coupling = jax.nn.softmax(logits, axis=-1)
-    s = jnp.einsum("ij,ijd->jd", coupling.astype(u.dtype), u, preferred_element_type=dtype)
-    v = squash(s)  # [out_caps, out_dim]
+    if logits is None:
+      coupling = jnp.full(u_hat.shape[:-1], 1.0 / num_out, dtype)
+      s = jnp.sum(u, axis=-3, dtype=dtype) / num_out
+    else:
+      # c_i = softmax(b_i) over the parents j (out_caps, the last axis): each input capsule spreads a unit of
+      # vote over the output capsules. A softmax over in_caps would be a different (wrong) algorithm.
+      coupling = jax.nn.softmax(logits, axis=-1)
+      s = jnp.einsum("...ij,...ijd->...jd", coupling.astype(u.dtype), u, preferred_element_type=dtype)
+    v = squash(s)  # [..., out_caps, out_dim]
     if not is_last:
-      agreement = jnp.einsum("ijd,jd->ij", u, v.astype(u.dtype), preferred_element_type=dtype)
-      logits = logits + agreement if logit_update == "accumulate" else agreement
+      agreement = jnp.einsum("...ijd,...jd->...ij", u, v.astype(u.dtype), preferred_element_type=dtype)
+      logits = agreement if logits is None or logit_update == "replace" else logits + agreement
   return v, coupling
 
 
@@ -138,9 +144,5 @@ def dynamic_routing(u_hat: jax.typing.ArrayLike, num_iterations: int = 3, *, log
     raise ValueError(f"num_iterations must be a Python int >= 1; got {num_iterations!r}.")
   if logit_update not in LOGIT_UPDATES:
     raise ValueError(f"Unknown logit_update {logit_update!r}; use one of {LOGIT_UPDATES}.")
-  route = functools.partial(_route_one_example, num_iterations=num_iterations, logit_update=logit_update,
-                            stop_gradient_inner=stop_gradient_inner)
-  for _ in range(u_hat.ndim - 3):
-    route = jax.vmap(route)
-  v, coupling = route(u_hat)
+  v, coupling = _route(u_hat, num_iterations, logit_update, stop_gradient_inner)
   return (v, coupling) if return_coupling else v
