@@ -49,35 +49,54 @@ def retrieval_distances(queries: jax.Array, gallery: jax.Array, metric: str = "e
 
 
 def first_hit_rank(distances: jax.Array, query_labels: jax.Array, gallery_labels: jax.Array,
-                   gallery_valid: jax.Array | None = None) -> jax.Array:
+                   gallery_valid: jax.Array | None = None, *, gallery_offset: jax.Array | int = 0,
+                   num_gallery: int | None = None, axis_name: str | None = None) -> jax.Array:
   """Rank (0-based) of the first gallery image with the query's label, ties broken by gallery index.
 
+  With `axis_name`, `distances` is this device's block of gallery columns inside `shard_map` and the result
+  is merged over the devices of that axis: the nearest positive is the min over the shards (then the smallest
+  global index among equals), and the images ranked before it are summed over the shards.
+
   Args:
-    distances: `[Q, G]` distances of each query to each gallery image.
+    distances: `[Q, G]` distances of each query to each gallery image (of this shard).
     query_labels: `[Q]` integer product ids.
     gallery_labels: `[G]` integer product ids.
     gallery_valid: optional `[G]` bool; False marks padding that must never be retrieved.
+    gallery_offset: global index of this shard's first gallery image.
+    num_gallery: size of the whole gallery (default G); the rank of a query with no correct image.
+    axis_name: the mesh axis over which the gallery is sharded, or None.
 
   Returns:
-    `[Q]` int32: the number of gallery images ranked before the query's first correct one, or G when the
-    gallery holds no image of the query's product (never a hit).
+    `[Q]` int32: the number of gallery images ranked before the query's first correct one, or `num_gallery`
+    when the gallery holds no image of the query's product (never a hit).
   """
-  num_gallery = distances.shape[1]
+  local_gallery = distances.shape[1]
+  num_gallery = local_gallery if num_gallery is None else num_gallery
   if gallery_valid is None:
-    gallery_valid = jnp.ones((num_gallery,), bool)
+    gallery_valid = jnp.ones((local_gallery,), bool)
+  across = (lambda x, op: op(x, axis_name)) if axis_name else (lambda x, op: x)
   positive = (query_labels[:, None] == gallery_labels[None, :]) & gallery_valid[None, :]
   negative = (~positive) & gallery_valid[None, :]
   inf = jnp.asarray(jnp.inf, distances.dtype)
-  nearest_positive = jnp.min(jnp.where(positive, distances, inf), axis=1, keepdims=True)  # [Q, 1]
-  index = jnp.arange(num_gallery, dtype=jnp.int32)[None, :]
+  nearest_positive = across(jnp.min(jnp.where(positive, distances, inf), axis=1, keepdims=True), jax.lax.pmin)
+  index = gallery_offset + jnp.arange(local_gallery, dtype=jnp.int32)[None, :]
   # Smallest gallery index among the positives at the nearest positive distance.
-  first_positive_index = jnp.min(
-      jnp.where(positive & (distances == nearest_positive), index, num_gallery), axis=1, keepdims=True)
+  first_positive_index = across(jnp.min(
+      jnp.where(positive & (distances == nearest_positive), index, num_gallery), axis=1, keepdims=True),
+                                jax.lax.pmin)
   before = negative & ((distances < nearest_positive) |
                        ((distances == nearest_positive) & (index < first_positive_index)))
-  rank = jnp.sum(before, axis=1, dtype=jnp.int32)
-  has_positive = jnp.any(positive, axis=1)
-  return jnp.where(has_positive, rank, num_gallery)
+  rank = across(jnp.sum(before, axis=1, dtype=jnp.int32), jax.lax.psum)
+  return jnp.where(nearest_positive[:, 0] < inf, rank, num_gallery)
+
+
+def _pad_queries(query_emb, query_labels, chunk_size):
+  """Pads the queries to whole chunks: `[num_chunks, chunk_size, D]`, `[num_chunks, chunk_size]`."""
+  num_chunks = -(-query_emb.shape[0] // chunk_size)
+  pad = num_chunks * chunk_size - query_emb.shape[0]
+  query_emb = jnp.pad(query_emb, ((0, pad), (0, 0)))
+  query_labels = jnp.pad(query_labels, (0, pad))
+  return query_emb.reshape(num_chunks, chunk_size, -1), query_labels.reshape(num_chunks, chunk_size)
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "chunk_size"))
@@ -94,18 +113,61 @@ def query_ranks(query_emb: jax.Array, query_labels: jax.Array, gallery_emb: jax.
     `[Q]` int32 ranks of the first correct gallery image.
   """
   num_queries = query_emb.shape[0]
-  num_chunks = -(-num_queries // chunk_size)
-  pad = num_chunks * chunk_size - num_queries
-  query_emb = jnp.pad(query_emb, ((0, pad), (0, 0)))
-  query_labels = jnp.pad(query_labels, (0, pad))
 
   def ranks_of_chunk(chunk):
     emb, labels = chunk
     return first_hit_rank(retrieval_distances(emb, gallery_emb, metric), labels, gallery_labels)
 
-  chunks = (query_emb.reshape(num_chunks, chunk_size, -1), query_labels.reshape(num_chunks, chunk_size))
-  ranks = jax.lax.map(ranks_of_chunk, chunks).reshape(-1)
+  ranks = jax.lax.map(ranks_of_chunk, _pad_queries(query_emb, query_labels, chunk_size)).reshape(-1)
   return ranks[:num_queries]
+
+
+def sharded_query_ranks(query_emb: jax.Array, query_labels: jax.Array, gallery_emb: jax.Array,
+                        gallery_labels: jax.Array, gallery_valid: jax.Array, *, mesh: jax.sharding.Mesh,
+                        axis_name: str = "data", metric: str = "euclidean", chunk_size: int = 1024) -> jax.Array:
+  """`query_ranks` with the gallery sharded over the devices of `mesh` (galleries larger than one device).
+
+  Every device ranks the queries against its block of the gallery; the per-shard nearest positives and
+  counts are merged with a min and a sum over `axis_name` (see `first_hit_rank`). The queries are replicated.
+
+  Args:
+    query_emb: `[Q, D]`; query_labels: `[Q]`.
+    gallery_emb: `[G, D]`, G divisible by the size of `axis_name`; gallery_labels, gallery_valid: `[G]`
+      (False marks padding).
+    mesh: the device mesh; axis_name: its axis over which the gallery is split.
+    metric: see `retrieval_distances`; chunk_size: queries per distance block.
+
+  Returns:
+    `[Q]` int32 ranks of the first correct gallery image, replicated.
+  """
+  num_gallery = gallery_emb.shape[0]
+  if num_gallery % mesh.shape[axis_name]:
+    raise ValueError(f"The gallery ({num_gallery}) must be padded to a multiple of the {mesh.shape[axis_name]} "
+                     "devices; pad it and mark the padding in gallery_valid.")
+  chunk_size = max(1, min(chunk_size, query_emb.shape[0]))
+  num_queries = query_emb.shape[0]
+  ranks = _sharded_ranks_fn(mesh, axis_name, metric, num_gallery)(
+      *_pad_queries(query_emb, query_labels, chunk_size), gallery_emb, gallery_labels, gallery_valid)
+  return ranks.reshape(-1)[:num_queries]
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_ranks_fn(mesh: jax.sharding.Mesh, axis_name: str, metric: str, num_gallery: int):
+  """The jitted `shard_map` of `sharded_query_ranks`, built once per mesh and gallery size."""
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+
+  def ranks_on_shard(queries, labels, gallery, gallery_labels, valid):
+    offset = jax.lax.axis_index(axis_name) * gallery.shape[0]
+
+    def ranks_of_chunk(chunk):
+      emb, chunk_labels = chunk
+      return first_hit_rank(retrieval_distances(emb, gallery, metric), chunk_labels, gallery_labels, valid,
+                            gallery_offset=offset, num_gallery=num_gallery, axis_name=axis_name)
+
+    return jax.lax.map(ranks_of_chunk, (queries, labels))
+
+  return jax.jit(jax.shard_map(ranks_on_shard, mesh=mesh,
+                               in_specs=(P(), P(), P(axis_name), P(axis_name), P(axis_name)), out_specs=P()))
 
 
 def recall_at_k(query_emb, query_labels, gallery_emb, gallery_labels, ks: Sequence[int] = DEFAULT_KS,

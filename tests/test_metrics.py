@@ -88,3 +88,44 @@ def test_bad_input_is_reported():
     metrics.recall_at_k(x, np.zeros(3), x, np.zeros(4))
   with pytest.raises(ValueError, match="Unknown metric"):
     metrics.recall_at_k(x, np.zeros(4), x, np.zeros(4), metric="manhattan")
+
+
+_SHARDED_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+from jaxret import metrics
+data = np.load(sys.argv[1])
+mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+ranks = metrics.sharded_query_ranks(data["q"], data["ql"], data["g"], data["gl"], data["gv"], mesh=mesh,
+                                    chunk_size=16)
+print(json.dumps({"devices": jax.device_count(), "ranks": np.asarray(ranks).tolist()}))
+"""
+
+
+def test_gallery_sharded_over_devices_gives_the_exact_ranks(tmp_path):
+  """4 fake CPU devices, each holding a quarter of the gallery (with padding and exact ties)."""
+  import json, os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  rng = np.random.default_rng(3)
+  num_gallery, num_valid = 64, 57
+  gallery = rng.integers(0, 4, size=(num_gallery, 3)).astype(np.float32)  # many exact ties
+  gallery_labels = rng.integers(0, 12, num_gallery)
+  valid = np.arange(num_gallery) < num_valid
+  queries = rng.integers(0, 4, size=(41, 3)).astype(np.float32)
+  query_labels = rng.integers(0, 13, 41)  # label 12 never in the gallery: a miss
+  path = tmp_path / "data.npz"
+  np.savez(path, q=queries, ql=query_labels, g=gallery, gl=gallery_labels, gv=valid)
+  completed = subprocess.run(
+      [sys.executable, "-c", _SHARDED_SCRIPT, str(path)], capture_output=True, text=True, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert completed.returncode == 0, completed.stderr
+  result = json.loads(completed.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 4
+  want = metrics.query_ranks(queries, query_labels, gallery[:num_valid], gallery_labels[:num_valid],
+                             chunk_size=8)
+  got = np.array(result["ranks"])
+  # A miss is ranked past the whole gallery: the padded size there, the valid size here.
+  np.testing.assert_array_equal(np.minimum(got, num_valid), np.asarray(want))
+  for k in (1, 5, 20):
+    oracle = recall_oracle(queries, query_labels, gallery[:num_valid], gallery_labels[:num_valid], (k,))[k]
+    assert np.mean(got < k) == pytest.approx(oracle)
