@@ -39,6 +39,14 @@ from jaxret import run_config
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/demo.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 for a multi-process run (jax.distributed); without it, "
+    "clusters that JAX detects (Cloud TPU VM slices, SLURM, Open MPI, Kubernetes) are initialised automatically.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 30, "A multi-process run stops with an error when a process has not been heard "
+    "from for this long (so that one dead process does not leave the others hanging).")
 
 @flax.struct.dataclass
 class TrainState:
@@ -146,37 +154,54 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 class Evaluator:
-  """Embeds query and gallery splits with a jitted step and computes Recall@K."""
+  """Embeds query and gallery splits across all devices and computes Recall@K with the gallery sharded."""
 
-  def __init__(self, config, builder, model, data_sharding, replicated):
+  def __init__(self, config, builder, model, mesh: jax.sharding.Mesh):
     self.config = config
+    self.mesh = mesh
     self.sources = {split: input_pipeline.read_split(builder, split) for split in ("query", "gallery")}
     self.indexes = {split: input_pipeline.index_split(src, f"indexing {split}")
                     for split, src in self.sources.items()}
-    self.data_sharding = data_sharding
-    self._embed = jax.jit(functools.partial(embed_step, model=model), in_shardings=(replicated, data_sharding),
-                          out_shardings=data_sharding)
+    self.data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._embed = jax.jit(functools.partial(embed_step, model=model),
+                          in_shardings=(self.replicated, self.data_sharding), out_shardings=self.data_sharding)
+    self._concatenate = jax.jit(jnp.concatenate, out_shardings=self.data_sharding)
 
-  def embed_split(self, state, split: str) -> np.ndarray:
-    """`[N, D]` embeddings of a whole split, in record order."""
-    index = self.indexes[split]
+  def embed_split_on_device(self, state, split: str) -> jax.Array:
+    """`[N_padded, D]` embeddings of a split in record order, sharded over the devices; rows >= N are padding."""
     batches = input_pipeline.eval_batches(
-        self.sources[split], index, image_size=self.config.input.image_size,
+        self.sources[split], self.indexes[split], image_size=self.config.input.image_size,
         global_batch=self.config.evals.batch_size, process_index=jax.process_index(),
         process_count=jax.process_count(), num_threads=self.config.input.num_threads)
-    outputs = []
-    for batch in batches:
-      images = jax.make_array_from_process_local_data(self.data_sharding, batch["image"])
-      outputs.append(self._embed(state, images))
-    return np.concatenate([_to_host(x) for x in outputs])[:len(index)]
+    outputs = [self._embed(state, jax.make_array_from_process_local_data(self.data_sharding, batch["image"]))
+               for batch in batches]
+    return self._concatenate(outputs)
 
-  def __call__(self, state) -> tuple[dict[int, float], dict[str, np.ndarray]]:
-    query = self.embed_split(state, "query")
-    gallery = self.embed_split(state, "gallery")
-    recalls = metrics.recall_at_k(query, self.indexes["query"].item_ids, gallery,
-                                  self.indexes["gallery"].item_ids, ks=tuple(self.config.evals.ks),
-                                  metric=self.config.evals.metric)
-    return recalls, {"query": query, "gallery": gallery}
+  def embed_split(self, state, split: str) -> np.ndarray:
+    """`[N, D]` embeddings of a whole split, in record order, on the host (every process)."""
+    return _to_host(self.embed_split_on_device(state, split))[:len(self.indexes[split])]
+
+  def _global(self, values: np.ndarray, sharding) -> jax.Array:
+    """A host array that every process holds in full, as a global array with `sharding`."""
+    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
+
+  def __call__(self, state) -> tuple[dict[int, float], dict[str, jax.Array]]:
+    """Recall@K of the state, and the padded query and gallery embeddings (device arrays)."""
+    embeddings = {split: self.embed_split_on_device(state, split) for split in ("query", "gallery")}
+    num_queries = len(self.indexes["query"])
+    queries = jax.jit(lambda x: x[:num_queries], out_shardings=self.replicated)(embeddings["query"])
+    gallery_size = embeddings["gallery"].shape[0]
+    gallery_labels = np.full(gallery_size, -1, np.int32)
+    gallery_labels[:len(self.indexes["gallery"])] = self.indexes["gallery"].item_ids
+    ranks = metrics.sharded_query_ranks(
+        queries, self._global(self.indexes["query"].item_ids.astype(np.int32), self.replicated),
+        embeddings["gallery"], self._global(gallery_labels, self.data_sharding),
+        self._global(np.arange(gallery_size) < len(self.indexes["gallery"]), self.data_sharding),
+        mesh=self.mesh, metric=self.config.evals.metric)
+    ranks = np.asarray(ranks.addressable_data(0))
+    recalls = {int(k): float(np.mean(ranks < int(k))) for k in self.config.evals.ks}
+    return recalls, embeddings
 
 
 def recall_table(recalls: Mapping[int, float], name: str) -> str:
@@ -242,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, loss_fn=make_loss_fn(config), seed=config.seed),
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
-  evaluator = Evaluator(config, builder, model, data_sharding, replicated)
+  evaluator = Evaluator(config, builder, model, mesh)
 
   def evaluate(step: int) -> tuple[dict[int, float], dict[str, np.ndarray]]:
     recalls, embeddings = evaluator(state)
@@ -293,13 +318,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   progress.close()
   checkpoints.wait_until_finished()
 
-  if recalls is None:  # Resumed at the end: evaluate the final state again.
-    recalls, embeddings = evaluate(config.total_steps)
+  if recalls is None:  # Resumed a finished run: its evaluation is logged already; recompute it for the table.
+    recalls, embeddings = evaluator(state)
   if is_chief:
     print(recall_table(recalls, f"{config.model.name} ({config.loss.name}, step {config.total_steps})"))
     pictures.plot_curves(log.rows, os.path.join(workdir, "curves.png"))
+  host_embeddings = {split: _to_host(x)[:len(evaluator.indexes[split])] for split, x in embeddings.items()}
+  if is_chief:
     pictures.plot_retrievals(
-        embeddings["query"], embeddings["gallery"], evaluator.indexes["query"], evaluator.indexes["gallery"],
+        host_embeddings["query"], host_embeddings["gallery"], evaluator.indexes["query"],
+        evaluator.indexes["gallery"],
         evaluator.sources["query"], evaluator.sources["gallery"], os.path.join(workdir, "retrievals.png"),
         num_queries=config.evals.num_pictures, metric=config.evals.metric)
   result = {f"recall@{k}": v for k, v in recalls.items()}
@@ -307,6 +335,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if loss_rows:
     result["loss"] = loss_rows[-1]["loss"]
   return result
+
+
+def _cluster_detected() -> bool:
+  """Whether JAX recognises a multi-process environment (TPU VM slice, SLURM, Open MPI, Kubernetes)."""
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+    return any(not env.opt_in_only_method and env.is_env_present()
+               for env in clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
+    return False  # A JAX without this detection: explicit flags still work.
+
+
+def initialize_distributed() -> None:
+  """Starts JAX's multi-controller runtime from the flags, or from a detected cluster; else does nothing."""
+  explicit = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit) and any(v is None for v in explicit):
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id go together; e.g.\n"
+                         "  --coordinator_address 127.0.0.1:12355 --num_processes 2 --process_id 0")
+  if explicit[0] is None and not _cluster_detected():
+    return
+  # CPU processes exchange data over loopback or TCP with gloo; GPUs and TPUs use their own collectives.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(*explicit, heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
 
 
 def main(argv):
@@ -317,6 +368,7 @@ def main(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("Both --config and --workdir are required, e.g.\n"
                          "  python -m jaxret.train --config configs/demo.py --workdir /tmp/jaxret_demo")
+  initialize_distributed()
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (run_config.ConfigError, input_pipeline.DatasetNotPreparedError) as e:
