@@ -2,10 +2,10 @@
 
 Everything here works on arrays and holds no parameters; the Flax layers in `capsule_layers.py` call it.
 `dynamic_routing` works on any leading batch dimensions at once (`[..., in_caps, out_caps, out_dim]`) with
-batched einsums; the routing iterations are an unrolled Python loop over a static count, so the whole routing
-is one XLA computation under `jax.jit`. (Batched einsums rather than a `jax.vmap` of the one-example function:
-the vmapped first iteration, whose coupling does not depend on the example, became a dot with the batch as a
-free dimension and a transpose of its result; see docs/benchmarks.md.)
+batched einsums over the `[..., out_caps, in_caps, out_dim]` order; the routing iterations are an unrolled
+Python loop over a static count, so the whole routing is one XLA computation under `jax.jit`. (Batched
+einsums rather than a `jax.vmap` of a one-example function, and this order rather than the argument's: both
+remove transposed copies of the prediction tensor; see docs/benchmarks.md.)
 
 Precision: for half-precision inputs (bfloat16, float16) the routing logits, the softmax, the squash and the
 outputs are float32; the products with the big prediction tensor are taken in the input dtype and summed in
@@ -80,27 +80,31 @@ def _route(u_hat: jax.Array, num_iterations: int, logit_update: str,
            stop_gradient_inner: bool) -> tuple[jax.Array, jax.Array]:
   """Procedure 1: `[..., in_caps, out_caps, out_dim]` -> (`[..., out_caps, out_dim]`, coupling)."""
   dtype = _routing_dtype(u_hat.dtype)
-  num_out = u_hat.shape[-2]
+  # Routed as `[..., out_caps, in_caps, out_dim]`: every product below is then a batched matrix-vector product
+  # over contiguous `[in_caps, out_dim]` blocks, with the batch dimensions (..., out_caps) leading, so XLA
+  # needs no transposed copy of the prediction tensor (the einsum that makes u_hat writes it in this order).
+  u_hat = jnp.swapaxes(u_hat, -3, -2)
+  num_out = u_hat.shape[-3]
   u_hat_inner = lax.stop_gradient(u_hat) if stop_gradient_inner else u_hat
   # b_ij starts at zero for every example, so the first coupling is uniform, 1 / out_caps: it is not built
   # (a constant of the batch's shape that XLA would fold at compile time), the first s is a plain sum.
-  logits = None  # b: [..., in_caps, out_caps]
+  logits = None  # b, transposed: [..., out_caps, in_caps]
   for iteration in range(num_iterations):
     is_last = iteration == num_iterations - 1
     u = u_hat if is_last else u_hat_inner
     if logits is None:
       coupling = jnp.full(u_hat.shape[:-1], 1.0 / num_out, dtype)
-      s = jnp.sum(u, axis=-3, dtype=dtype) / num_out
+      s = jnp.sum(u, axis=-2, dtype=dtype) / num_out
     else:
-      # c_i = softmax(b_i) over the parents j (out_caps, the last axis): each input capsule spreads a unit of
-      # vote over the output capsules. A softmax over in_caps would be a different (wrong) algorithm.
-      coupling = jax.nn.softmax(logits, axis=-1)
-      s = jnp.einsum("...ij,...ijd->...jd", coupling.astype(u.dtype), u, preferred_element_type=dtype)
+      # c_i = softmax(b_i) over the parents j (out_caps): each input capsule spreads a unit of vote over the
+      # output capsules. A softmax over in_caps would be a different (wrong) algorithm.
+      coupling = jax.nn.softmax(logits, axis=-2)
+      s = jnp.einsum("...ji,...jid->...jd", coupling.astype(u.dtype), u, preferred_element_type=dtype)
     v = squash(s)  # [..., out_caps, out_dim]
     if not is_last:
-      agreement = jnp.einsum("...ijd,...jd->...ij", u, v.astype(u.dtype), preferred_element_type=dtype)
+      agreement = jnp.einsum("...jid,...jd->...ji", u, v.astype(u.dtype), preferred_element_type=dtype)
       logits = agreement if logits is None or logit_update == "replace" else logits + agreement
-  return v, coupling
+  return v, jnp.swapaxes(coupling, -2, -1)
 
 
 def dynamic_routing(u_hat: jax.typing.ArrayLike, num_iterations: int = 3, *, logit_update: str = "accumulate",
