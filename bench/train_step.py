@@ -1,0 +1,361 @@
+"""Images/s, FLOPs per image and MFU of jaxret's jitted training step, on synthetic P x K batches.
+
+Run from the repository root (the same command on a CPU, a GPU or a TPU; all local devices are used, the
+batch is split over them as in the trainer):
+
+  python -m bench.train_step --model rccapsnet --image_size 64 --batch_size 32 --loss triplet --steps 10
+  python -m bench.train_step --model rccapsnet --image_size 256 --batch_size 256 --dtype bfloat16 --parts
+
+The step is `jaxret.train.train_step` exactly as the trainer jits it (AdamW, gradient clipping, BatchNorm
+statistics, spatial dropout, the configured loss), on one batch of random images kept on the device, so the
+input pipeline is not part of the time (see bench/input_pipeline.py for that). After `--warmup` steps, the
+time of `--repeats` windows of `--steps` steps each is taken, each window ending with a sync; `step_ms` is the
+median window divided by its steps. FLOPs per step come from XLA's cost analysis of the compiled step;
+`mfu` = FLOPs per second / the devices' peak, when the peak of the device kind is in `PEAK_TFLOPS` (null
+otherwise, e.g. on CPU). `--parts` also times the convolutions, the routing and the loss separately (each
+forward + backward, jitted alone).
+
+The last line of stdout is JSON with at least `images_per_sec`, `step_ms`, `flops_per_image` and `mfu`.
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxret import run_config
+from jaxret import train
+from jaxret.models import capsnets
+from jaxret.models import capsule_layers
+
+MODELS = ("sccapsnet", "rccapsnet", "qrccapsnet")
+LOSSES = ("triplet", "quadruplet", "category_quadruplet")
+DTYPES = ("float32", "bfloat16")
+IMAGES_PER_PRODUCT = 4  # K of the P x K batch, as in the configs.
+
+# Dense peak TFLOP/s per chip by `jax.devices()[0].device_kind`, for (bfloat16, float32) computation.
+# float32 on NVIDIA GPUs: JAX's default matmul/conv precision lets XLA use TF32 tensor cores, so the TF32 peak
+# is the honest ceiling. TPUs compute float32 matmuls at default precision in bfloat16 passes: the bfloat16
+# peak. Sources: NVIDIA H100/H200 datasheets (SXM: 989.4 bf16, 494.7 TF32; PCIe: 756 / 378; NVL: 835 / 418),
+# Google Cloud TPU system architecture pages (v4 275, v5e 197, v5p 459, v6e 918 bf16).
+PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": (989.4, 494.7),
+    "NVIDIA H100 SXM5 80GB": (989.4, 494.7),
+    "NVIDIA H100 PCIe": (756.0, 378.0),
+    "NVIDIA H100 NVL": (835.0, 418.0),
+    "NVIDIA H200": (989.4, 494.7),
+    "NVIDIA H200 NVL": (835.0, 418.0),
+    "TPU v4": (275.0, 275.0),
+    "TPU v5 lite": (197.0, 197.0),
+    "TPU v5e": (197.0, 197.0),
+    "TPU v5": (459.0, 459.0),
+    "TPU v5p": (459.0, 459.0),
+    "TPU v6 lite": (918.0, 918.0),
+}
+# Memory bandwidth TB/s per chip, for the bytes-over-bandwidth bound of the routing.
+PEAK_TBPS = {
+    "NVIDIA H100 80GB HBM3": 3.35, "NVIDIA H100 SXM5 80GB": 3.35, "NVIDIA H100 PCIe": 2.0,
+    "NVIDIA H100 NVL": 3.9, "NVIDIA H200": 4.8, "NVIDIA H200 NVL": 4.8, "TPU v4": 1.2, "TPU v5 lite": 0.82,
+    "TPU v5e": 0.82, "TPU v5": 2.76, "TPU v5p": 2.76, "TPU v6 lite": 1.64,
+}
+
+
+def device_peak_flops(device_kind: str, dtype: str) -> float | None:
+  """Dense peak FLOP/s of one device of this kind for `dtype` computation, or None when not known."""
+  peaks = PEAK_TFLOPS.get(device_kind)
+  if peaks is None:
+    return None
+  return 1e12 * peaks[0 if dtype == "bfloat16" else 1]
+
+
+def bench_config(*, model: str, image_size: int, batch_size: int, num_classes: int, loss: str, dtype: str,
+                 images_per_product: int = IMAGES_PER_PRODUCT, seed: int = 0) -> ml_collections.ConfigDict:
+  """The trainer's base config with the benchmarked model, loss, sizes and dtype."""
+  config = run_config.base_config()
+  config.seed = seed
+  config.model.name = model
+  config.model.num_classes = num_classes
+  config.model.dtype = dtype
+  config.loss.name = loss
+  config.input.image_size = image_size
+  config.input.batch_size = batch_size
+  config.input.images_per_product = images_per_product
+  run_config.validate(config, device_count=jax.device_count(), model_names=MODELS, loss_names=LOSSES)
+  return config
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
+  """A P x K batch of normal-noise images: `image` `[B, S, S, 3]` float32, `item_id` `[B]`, `category` `[B]`."""
+  rng = np.random.default_rng(seed)
+  batch_size, size = config.input.batch_size, config.input.image_size
+  products = batch_size // config.input.images_per_product
+  item_id = np.repeat(np.arange(products, dtype=np.int32), config.input.images_per_product)
+  category = (item_id % config.model.num_classes).astype(np.int32)
+  image = rng.standard_normal((batch_size, size, size, 3), dtype=np.float32)
+  return {"image": image, "item_id": item_id, "category": category}
+
+
+def build_train_step(config: ml_collections.ConfigDict):
+  """The trainer's jitted step with its initial state and one batch on the devices.
+
+  Returns:
+    `(step_fn, state, batch, model)`: `step_fn(state, batch) -> (state, metrics)` donates `state`.
+  """
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  model = train.model_from_config(config)
+  tx = train.make_optimizer(config)
+  size = config.input.image_size
+  state = train.create_state(config, model, tx, jnp.zeros((1, size, size, 3), jnp.float32), replicated)
+  batch = jax.device_put(synthetic_batch(config, config.seed), data_sharding)
+  step_fn = jax.jit(
+      functools.partial(train.train_step, model=model, tx=tx, loss_fn=train.make_loss_fn(config),
+                        seed=config.seed),
+      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
+  return step_fn, state, batch, model
+
+
+def xla_flops(compiled) -> float:
+  """FLOPs of one call of a compiled computation, from XLA's cost analysis (0 when it has none)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older jax: one dict per computation.
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", 0.0))
+
+
+def time_windows(run_window, repeats: int) -> list[float]:
+  """Seconds of `repeats` calls of `run_window()` (which must block until its work is done)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run_window()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+class StepRunner:
+  """The jitted step and its (donated) state, run `steps` at a time; used here and by the torch comparison."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    step_fn, self.state, self.batch, self.model = build_train_step(config)
+    start = time.perf_counter()
+    self.compiled = step_fn.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - start
+    self.metrics = None
+
+  def run(self, steps: int) -> None:
+    for _ in range(steps):
+      self.state, self.metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready((self.state, self.metrics))
+
+  @property
+  def flops_per_step(self) -> float:
+    return xla_flops(self.compiled)
+
+  @property
+  def memory_bytes(self) -> int:
+    """XLA's temp + argument + output bytes for one step (what one step needs on the device)."""
+    memory = self.compiled.memory_analysis()
+    if memory is None:
+      return 0
+    return memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+
+
+def _median_ms(fn, args, warmup: int, repeats: int) -> tuple[float, float]:
+  """Median wall-clock and CPU (all threads of the process) milliseconds of one call."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  wall, cpu = [], []
+  for _ in range(repeats):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
+
+
+def time_parts(config: ml_collections.ConfigDict, state, batch, *, warmup: int = 2,
+               repeats: int = 5) -> dict[str, dict[str, float]]:
+  """Forward + backward time and FLOPs of the model's parts, each jitted alone, on the step's batch.
+
+  Parts: "convolutions" (images -> primary capsules, with BatchNorm and dropout as in training),
+  "routing" (primary capsules -> class capsules: the prediction einsum and the routing iterations), "loss"
+  (class capsules -> embedding -> loss) and "optimizer" (the AdamW update from a gradient). Each part's
+  backward gets a random cotangent (the loss part differentiates its scalar), so its time is that of its share
+  of the training step, up to what XLA fuses across the borders in the whole step.
+
+  Returns:
+    `{part: {"ms": median wall-clock ms, "cpu_ms": median CPU ms of the process, "flops": XLA FLOPs}}`
+    (CPU time is the robust number on a busy CPU machine; on a GPU only `ms` means anything).
+  """
+  model = train.model_from_config(config)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  images, category = batch["image"], batch["category"]
+  dropout_key = jax.random.key(1)
+
+  class ConvolutionsOnly(type(model)):
+    """The model cut after its primary capsules (same parameter names)."""
+
+    @nn.compact
+    def __call__(self, images, train=False, category=None):
+      return self.primary_capsules(images, train)
+
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("parent", "name")}
+  conv_model = ConvolutionsOnly(**fields)
+
+  def convolutions(params, images):
+    out, _ = conv_model.apply({"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                              mutable=["batch_stats"], rngs={"dropout": dropout_key})
+    return out
+
+  def fwd_bwd(fn, *args):
+    """value and the VJP with a fixed random cotangent, w.r.t. every argument."""
+    out, vjp = jax.vjp(fn, *args)
+    cotangent = jax.random.normal(jax.random.key(2), out.shape, out.dtype)
+    return out, vjp(cotangent)
+
+  conv_params = {k: v for k, v in variables["params"].items() if k != "class_capsules"}
+  conv_fn = jax.jit(lambda p, x: fwd_bwd(convolutions, p, x))
+  primary = jax.jit(convolutions)(conv_params, images)
+
+  routed = capsule_layers.RoutedCapsules(
+      model.num_classes, model.capsule_dim, routing_iterations=model.routing_iterations,
+      logit_update=model.logit_update, share_weights=model.share_weights,
+      stop_gradient_inner=model.stop_gradient_inner, dtype=model.dtype, param_dtype=model.param_dtype)
+  routing_params = {"params": variables["params"]["class_capsules"]}
+  routing_fn = jax.jit(lambda p, u: fwd_bwd(lambda p, u: routed.apply(p, u)[0], p, u))
+  class_capsules = jax.jit(lambda p, u: routed.apply(p, u)[0])(routing_params, primary)
+
+  loss_fn = train.make_loss_fn(config)
+
+  def loss_of_capsules(v):
+    mask = None
+    if model.embedding != "all":  # The benchmark uses "all"; other modes mask by the category.
+      mask = jax.nn.one_hot(category, model.num_classes, dtype=jnp.float32)
+    return loss_fn(capsnets.capsule_embedding(v, mask), batch)
+
+  loss_grad_fn = jax.jit(jax.value_and_grad(loss_of_capsules))
+
+  tx = train.make_optimizer(config)
+  grads = jax.tree.map(jnp.ones_like, state.params)
+  update_fn = jax.jit(lambda g, o, p: tx.update(g, o, p))
+
+  parts = {
+      "convolutions": (conv_fn, (conv_params, images)),
+      "routing": (routing_fn, (routing_params, primary)),
+      "loss": (loss_grad_fn, (class_capsules.astype(jnp.float32),)),
+      "optimizer": (update_fn, (grads, state.opt_state, state.params)),
+  }
+  results = {}
+  for name, (fn, args) in parts.items():
+    flops = xla_flops(fn.lower(*args).compile())
+    wall_ms, cpu_ms = _median_ms(fn, args, warmup, repeats)
+    results[name] = {"ms": wall_ms, "cpu_ms": cpu_ms, "flops": flops}
+  return results
+
+
+def routing_bytes_per_image(config: ml_collections.ConfigDict, model) -> dict[str, float]:
+  """Size of the prediction tensor u_hat per image, and a lower bound of the bytes routing moves per image.
+
+  Forward, r routing iterations read u_hat 2r - 1 times (r weighted sums, r - 1 agreements) after the einsum
+  writes it once; the backward pass reads it again for each of those products and writes its gradient
+  (2r - 1 reads + 1 write, and the einsum's backward reads that gradient once). Everything else (the
+  `[in, out]` logits, the `[out, dim]` capsules) is smaller by a factor of `capsule_dim`.
+  """
+  grid = -(-config.input.image_size // 16)
+  in_caps = grid * grid * model.primary_capsule_types
+  elements = in_caps * model.num_classes * model.capsule_dim
+  itemsize = jnp.dtype(model.dtype).itemsize
+  r = model.routing_iterations
+  passes = (1 + (2 * r - 1)) + ((2 * r - 1) + 1 + 1)
+  return {"u_hat_bytes": float(elements * itemsize), "routing_passes": float(passes),
+          "routing_bytes": float(elements * itemsize * passes), "in_caps": float(in_caps)}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--model", choices=MODELS, default="rccapsnet")
+  parser.add_argument("--image_size", type=int, default=64)
+  parser.add_argument("--batch_size", type=int, default=32, help="global batch, P x K with K = 4")
+  parser.add_argument("--num_classes", type=int, default=23, help="class capsules")
+  parser.add_argument("--loss", choices=LOSSES, default="triplet")
+  parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
+  parser.add_argument("--repeats", type=int, default=5, help="timed windows; the median is reported")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  parser.add_argument("--dtype", choices=DTYPES, default="float32", help="computation dtype (params float32)")
+  parser.add_argument("--parts", action="store_true", help="also time convolutions, routing, loss alone")
+  parser.add_argument("--compile_only", action="store_true", help="only FLOPs and XLA memory, no timing")
+  args = parser.parse_args()
+  if min(args.steps, args.repeats, args.image_size, args.batch_size) < 1:
+    parser.error("--steps, --repeats, --image_size and --batch_size must be positive.")
+  try:
+    config = bench_config(model=args.model, image_size=args.image_size, batch_size=args.batch_size,
+                          num_classes=args.num_classes, loss=args.loss, dtype=args.dtype)
+  except run_config.ConfigError as e:
+    parser.error(str(e))
+
+  load_at_start = os.getloadavg()[0]
+  runner = StepRunner(config)
+  if args.compile_only:  # FLOPs and memory of a configuration, e.g. a GPU batch size, without running it.
+    print(json.dumps({"benchmark": "train_step_compile_only", "model": args.model, "image_size": args.image_size,
+                      "batch_size": args.batch_size, "dtype": args.dtype, "loss": args.loss,
+                      "flops_per_image": runner.flops_per_step / args.batch_size,
+                      "xla_memory_bytes": runner.memory_bytes, "compile_s": runner.compile_s,
+                      "routing": routing_bytes_per_image(config, runner.model),
+                      "device": jax.devices()[0].device_kind, "jax": jax.__version__}))
+    return
+  runner.run(args.warmup)
+  windows = time_windows(lambda: runner.run(args.steps), args.repeats)
+  step_s = statistics.median(windows) / args.steps
+  device = jax.devices()[0]
+  flops_per_step = runner.flops_per_step
+  peak = device_peak_flops(device.device_kind, args.dtype)
+  mfu = None if peak is None else flops_per_step / step_s / (peak * jax.device_count())
+  result = {
+      "benchmark": "train_step",
+      "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+      "num_classes": args.num_classes, "loss": args.loss, "dtype": args.dtype,
+      "images_per_sec": args.batch_size / step_s,
+      "step_ms": 1e3 * step_s,
+      "step_ms_min": 1e3 * min(windows) / args.steps,
+      "flops_per_image": flops_per_step / args.batch_size,
+      "mfu": mfu,
+      "peak_flops_per_device": peak,
+      "xla_memory_bytes": runner.memory_bytes,
+      "compile_s": runner.compile_s,
+      "loss_value": float(runner.metrics["loss"]),
+      "steps": args.steps, "repeats": args.repeats,
+      "routing": routing_bytes_per_image(config, runner.model),
+      "device": device.device_kind, "device_count": jax.device_count(), "platform": device.platform,
+      "jax": jax.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+      "load_average_start_end": [load_at_start, os.getloadavg()[0]],
+      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+  }
+  if not np.isfinite(result["loss_value"]):
+    raise FloatingPointError(f"The benchmarked step gave loss {result['loss_value']}.")
+  if args.parts:
+    result["parts"] = time_parts(config, runner.state, runner.batch, repeats=args.repeats)
+    print("part           median ms    CPU ms   GFLOP")
+    for name, part in result["parts"].items():
+      print(f"{name:<14} {part['ms']:>9.2f} {part['cpu_ms']:>9.2f} {part['flops'] / 1e9:>7.2f}")
+  print(f"{args.model} {args.image_size}x{args.image_size} batch {args.batch_size} {args.dtype} {args.loss} on "
+        f"{jax.device_count()} x {device.device_kind}: {result['images_per_sec']:.1f} images/s, "
+        f"{result['step_ms']:.1f} ms/step, {result['flops_per_image'] / 1e9:.2f} GFLOP/image"
+        + ("" if mfu is None else f", MFU {100 * mfu:.1f}%"))
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
