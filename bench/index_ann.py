@@ -1,18 +1,20 @@
-"""Exact (FLAT) against approximate (HNSW, IVF_FLAT) Milvus indexes on a catalogue scaled up to 100k images.
+r"""Exact (FLAT) against approximate (HNSW, IVF_FLAT) Milvus indexes on a catalogue scaled up to 100k images.
 
-Run from the repository root, after a demo training run (its embeddings are the starting point):
+Run from the repository root, after a demo training run (its embeddings are the starting point; the results
+in docs/benchmarks.md use a run stopped at step 100, whose embeddings have not collapsed):
 
-  python -m jaxret.train --config configs/demo.py --workdir /tmp/jaxret_demo
-  python -m bench.index_ann --workdir /tmp/jaxret_demo     # 100k gallery vectors, 1000 queries
+  python -m jaxret.train --config configs/demo.py --workdir /tmp/jaxret_demo100 --config.total_steps=100 \
+      --config.eval_every=50 --config.checkpoint_every=50
+  python -m bench.index_ann --workdir /tmp/jaxret_demo100     # 100k gallery vectors, 1000 queries
 
 The real embeddings of the run's dataset (train, query and gallery splits) give the statistics of the
-scaled-up catalogue: product centres are drawn from a Gaussian with the covariance of the real products' mean embeddings, and
-images of a product add a residual drawn from a Gaussian with the real within-product covariance (so the
-vectors have the run's dimension, scale and cluster structure). `--num_vectors` gallery vectors (3 images per
-product) are upserted through `jaxret.catalog.Catalog` into a fresh Milvus Lite database per index type, and
-`--num_queries` query vectors (new images of gallery products) are searched.
+scaled-up catalogue: product centres are drawn from a Gaussian with the covariance of the real products'
+mean embeddings, and images of a product add a residual drawn from a Gaussian with the real within-product
+covariance (so the vectors have the run's dimension, scale and cluster structure). `--num_vectors` gallery
+vectors (3 images per product) are upserted through `jaxret.catalog.Catalog` into a fresh Milvus Lite
+database per index type, and `--num_queries` query vectors (new images of gallery products) are searched.
 
-Reported per index and search setting: time to upsert and flush (the index is built then), median and 95th
+Reported per index and search setting: time to upsert, flush and build the index, median and 95th
 percentile latency of one-query searches through `Catalog.search_embeddings` (`--latency_queries` of them),
 queries/s of batched searches, neighbour recall@10 (the fraction of the exact 10 nearest vectors found,
 exact = a float64 brute force) and product Recall@1/10 (the In-shop metric). A table goes to stdout;
@@ -108,6 +110,17 @@ def product_recall(results, query_items: np.ndarray, ks=(1, 10)) -> dict[int, fl
   return {k: float(np.mean(ranks < k)) for k in ks}
 
 
+def wait_for_background_index_build(uri: str) -> None:
+  """Waits until Milvus Lite has built the indexes of flushed segments (it does so in a background thread).
+
+  Milvus Lite exposes no call for this, so this reaches into its in-process server (benchmark only).
+  """
+  from milvus_lite.server_manager import server_manager_instance  # pylint: disable=g-import-not-at-top
+  _, database, _ = server_manager_instance._servers[os.path.abspath(uri)]  # pylint: disable=protected-access
+  for collection in list(database._collections.values()):  # pylint: disable=protected-access
+    collection._wait_for_bg()  # pylint: disable=protected-access
+
+
 def measure(embedder, index_type: str, search_settings, gallery, gallery_items, queries, query_items,
             exact_ids, args) -> list[dict]:
   """Builds one index over the gallery in a fresh database and measures each search setting on it."""
@@ -118,6 +131,7 @@ def measure(embedder, index_type: str, search_settings, gallery, gallery_items, 
       start = time.perf_counter()
       names = [f"synthetic/{i}" for i in range(len(gallery))]
       shop.upsert(gallery, gallery_items, np.full(len(gallery), -1), names, "bench")
+      wait_for_background_index_build(uri)
       build_s = time.perf_counter() - start
       assert shop.count() == len(gallery)
     for params in search_settings:

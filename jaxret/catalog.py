@@ -481,6 +481,7 @@ class Catalog:
     self._requested_index = index_type
     self._index_params = index_params
     self._search_params = search_params
+    self._index_type = None  # Cached: describing the index is a round trip (and slow on Milvus Lite).
     self._sources = {}
     self.client, self.uri = connect(uri, create=create)
     try:
@@ -530,7 +531,9 @@ class Catalog:
 
   def index_type(self) -> str:
     """The vector index of the existing collection ("FLAT", "HNSW", ...)."""
-    return self.client.describe_index(self.collection, "vector")["index_type"]
+    if self._index_type is None:
+      self._index_type = self.client.describe_index(self.collection, "vector")["index_type"]
+    return self._index_type
 
   def _check_compatible(self) -> None:
     stored = self.stored_metadata()
@@ -677,8 +680,7 @@ class Catalog:
     if search_params is None:
       search_params = self.default_search_params(k)
     params = {"metric_type": self.metric_type, "params": search_params}
-    rows = max(1, self.count())
-    per_request = int(np.clip(_SEARCH_FLOATS // (rows * self.embedder.dim), 1, 1024))
+    per_request = self._queries_per_request(k, len(embeddings))
     results = []
     for start in range(0, len(embeddings), per_request):
       chunk = embeddings[start:start + per_request]
@@ -687,6 +689,17 @@ class Catalog:
                                   search_params=params)
       results.extend([self._hit(rank, hit) for rank, hit in enumerate(hits, start=1)] for hits in answer)
     return results
+
+  def _queries_per_request(self, k: int, num_queries: int) -> int:
+    """Queries sent in one search request.
+
+    At most 16384 results per request (a limit of Milvus servers). Milvus Lite's exact search builds a
+    `[queries, rows, dim]` float32 difference array, so its FLAT requests hold about `_SEARCH_FLOATS` floats.
+    """
+    per_request = max(1, min(1024, 16384 // k))
+    if num_queries > 1 and _is_lite(self.uri) and self.index_type() == "FLAT":
+      per_request = min(per_request, max(1, _SEARCH_FLOATS // (max(1, self.count()) * self.embedder.dim)))
+    return per_request
 
   def _hit(self, rank: int, hit) -> Hit:
     entity = hit["entity"]

@@ -83,7 +83,7 @@ def write_html(path: str, queries: list[str], results: list[list[Hit]], thumbnai
       parts.append(
           f"<figure class='{_verdict(query_item, hit)}'>"
           f"<img src='{_data_uri(thumb)}' alt='result {hit.rank}'>"
-          f"<figcaption><b>{hit.rank}</b> d={hit.distance:.3f}<br>item {item} · "
+          f"<figcaption><b>{hit.rank}</b> d={hit.distance:.4g}<br>item {item} · "
           f"{html.escape(hit.category_name)}<br>{html.escape(hit.image)}</figcaption></figure>")
     parts.append("</div>")
   tmp = path + ".tmp"
@@ -107,7 +107,7 @@ def plot_results(path: str, queries: list[str], results: list[list[Hit]],
       axes[row, column].axis("off")
     for hit, thumb in zip(hits, hit_thumbs):
       axes[row, hit.rank].axis("on")
-      title = f"{hit.rank}: d={hit.distance:.2f}\nitem {hit.item_id}"
+      title = f"{hit.rank}: d={hit.distance:.3g}\nitem {hit.item_id}"
       pictures._show(axes[row, hit.rank], thumb, title,  # pylint: disable=protected-access
                      colours[_verdict(query_item, hit)])
   known = any(catalog.labels_from_path(q)[0] >= 0 for q in queries)
