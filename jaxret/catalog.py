@@ -411,6 +411,9 @@ def connect(uri: str, *, create: bool):
   """A `pymilvus.MilvusClient` for `uri` (a Milvus Lite `.db` path or a server URL), with clear errors."""
   from pymilvus import MilvusClient  # pylint: disable=g-import-not-at-top  (slow import, only when needed)
   from pymilvus import exceptions as milvus_exceptions  # pylint: disable=g-import-not-at-top
+  locked = CatalogError(f"Another process has the Milvus Lite database {uri} open (Milvus Lite allows one "
+                        "process at a time). Stop it and retry, or serve the catalogue from a Milvus server "
+                        "(--uri http://host:19530).")
   if _is_lite(uri):
     uri = os.path.abspath(os.path.expanduser(uri))
     if not os.path.exists(uri):
@@ -418,13 +421,13 @@ def connect(uri: str, *, create: bool):
         raise CatalogError(f"No catalogue at {uri}. Index one first, e.g.\n"
                            f"  python -m jaxret.index --workdir RUN --uri {uri}")
       os.makedirs(os.path.dirname(uri), exist_ok=True)
+    elif not _LITE_USERS[uri] and _lite_folder_locked(uri):  # (Our own open database holds the lock too.)
+      raise locked
   try:
     client = MilvusClient(uri)
   except milvus_exceptions.MilvusException as e:
     if _is_lite(uri) and _lite_folder_locked(uri):
-      raise CatalogError(f"Another process has the Milvus Lite database {uri} open (Milvus Lite allows one "
-                         "process at a time). Stop it and retry, or serve the catalogue from a Milvus server "
-                         "(--uri http://host:19530).") from None
+      raise locked from None
     raise CatalogError(f"Could not connect to Milvus at {uri}: {e}") from None
   if _is_lite(uri):
     with _LITE_LOCK:

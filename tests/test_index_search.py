@@ -5,6 +5,7 @@ tests, and the command-line tests run `index.main` / `search.main` in this proce
 """
 
 import copy
+import fcntl
 import importlib.util
 import json
 import os
@@ -236,6 +237,14 @@ def test_milvus_lite_lock_is_released_on_close(run, embedder, tmp_path):
   second.close()
   # Another process may open it now.
   assert not catalog._lite_folder_locked(uri)  # pylint: disable=protected-access
+  # While another process holds it (its flock on LOCK, taken here on a separate open file), opening says so.
+  fd = os.open(os.path.join(uri, "LOCK"), os.O_RDWR)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(catalog.CatalogError, match="Another process has the Milvus Lite database"):
+      catalog.Catalog(run[0], uri, embedder=embedder)
+  finally:
+    os.close(fd)
 
 
 def test_command_lines_index_search_and_recall(run, embedder, splits, tmp_path, capsys, monkeypatch):
