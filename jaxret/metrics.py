@@ -21,7 +21,8 @@ DEFAULT_KS = (1, 10, 20, 30, 40, 50)
 METRICS = ("euclidean", "cosine")
 
 
-def retrieval_distances(queries: jax.Array, gallery: jax.Array, metric: str = "euclidean") -> jax.Array:
+def retrieval_distances(queries: jax.Array, gallery: jax.Array, metric: str = "euclidean",
+                        centre: jax.Array | None = None) -> jax.Array:
   """Distances that rank the gallery for each query (smaller is closer).
 
   Args:
@@ -29,6 +30,8 @@ def retrieval_distances(queries: jax.Array, gallery: jax.Array, metric: str = "e
     gallery: `[G, D]` embeddings.
     metric: "euclidean" (squared Euclidean distance, which ranks like the Euclidean one and needs no sqrt)
       or "cosine" (1 - cosine similarity).
+    centre: `[D]`, for "euclidean": a point near the embeddings, subtracted from both sides for float32
+      accuracy (default `gallery[0]`). Pass the same one for every block of a gallery.
 
   Returns:
     `[Q, G]` float32 distances.
@@ -40,6 +43,13 @@ def retrieval_distances(queries: jax.Array, gallery: jax.Array, metric: str = "e
     gallery = gallery / jnp.maximum(jnp.linalg.norm(gallery, axis=-1, keepdims=True), 1e-12)
     return 1.0 - queries @ gallery.T
   if metric == "euclidean":
+    # Distances do not change when both sides move by the same vector. Moving the origin to a gallery image
+    # keeps |q|^2 + |g|^2 - 2 q.g accurate in float32 when the embeddings sit in a small region far from the
+    # origin (every capsule L2-normalised: norms of sqrt(23), neighbours 1e-3 apart). A data point rather than
+    # the mean: differences of nearby floats are exact, so equal distances stay equal (ties on a grid).
+    centre = gallery[0] if centre is None else centre.astype(jnp.float32)
+    queries = queries - centre
+    gallery = gallery - centre
     # |q|^2 is the same for every gallery image of a query, so it does not change the ranking; it is kept so
     # that the values are true squared distances (tests and pictures show them).
     sq_q = jnp.sum(queries * queries, axis=-1, keepdims=True)
@@ -156,18 +166,21 @@ def _sharded_ranks_fn(mesh: jax.sharding.Mesh, axis_name: str, metric: str, num_
   """The jitted `shard_map` of `sharded_query_ranks`, built once per mesh and gallery size."""
   P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
 
-  def ranks_on_shard(queries, labels, gallery, gallery_labels, valid):
+  def ranks_on_shard(queries, labels, gallery, gallery_labels, valid, centre):
     offset = jax.lax.axis_index(axis_name) * gallery.shape[0]
 
     def ranks_of_chunk(chunk):
       emb, chunk_labels = chunk
-      return first_hit_rank(retrieval_distances(emb, gallery, metric), chunk_labels, gallery_labels, valid,
-                            gallery_offset=offset, num_gallery=num_gallery, axis_name=axis_name)
+      return first_hit_rank(retrieval_distances(emb, gallery, metric, centre), chunk_labels, gallery_labels,
+                            valid, gallery_offset=offset, num_gallery=num_gallery, axis_name=axis_name)
 
     return jax.lax.map(ranks_of_chunk, (queries, labels))
 
-  return jax.jit(jax.shard_map(ranks_on_shard, mesh=mesh,
-                               in_specs=(P(), P(), P(axis_name), P(axis_name), P(axis_name)), out_specs=P()))
+  sharded = jax.shard_map(ranks_on_shard, mesh=mesh,
+                          in_specs=(P(), P(), P(axis_name), P(axis_name), P(axis_name), P()), out_specs=P())
+  # One centre (the first gallery image) for all shards, so that every shard computes the same distances.
+  return jax.jit(lambda queries, labels, gallery, gallery_labels, valid: sharded(
+      queries, labels, gallery, gallery_labels, valid, gallery[0]))
 
 
 def recall_at_k(query_emb, query_labels, gallery_emb, gallery_labels, ks: Sequence[int] = DEFAULT_KS,

@@ -129,3 +129,16 @@ def test_gallery_sharded_over_devices_gives_the_exact_ranks(tmp_path):
   for k in (1, 5, 20):
     oracle = recall_oracle(queries, query_labels, gallery[:num_valid], gallery_labels[:num_valid], (k,))[k]
     assert np.mean(got < k) == pytest.approx(oracle)
+
+
+def test_euclidean_ranking_is_accurate_for_embeddings_far_from_the_origin():
+  """Capsule embeddings have norm sqrt(23) with neighbours ~1e-3 apart: float32 |q|^2+|g|^2-2qg would fail."""
+  rng = np.random.default_rng(5)
+  base = rng.normal(size=368)
+  base *= np.sqrt(23) / np.linalg.norm(base)
+  gallery = base + 1e-3 * rng.normal(size=(300, 368))
+  queries = base + 1e-3 * rng.normal(size=(50, 368))
+  got = np.asarray(metrics.retrieval_distances(queries.astype(np.float32), gallery.astype(np.float32)))
+  want = np.sum((queries[:, None] - gallery[None]) ** 2, axis=-1)
+  np.testing.assert_array_equal(np.argmin(got, axis=1), np.argmin(want, axis=1))
+  np.testing.assert_allclose(got, want, rtol=1e-3)
