@@ -131,7 +131,9 @@ class RoutedCapsules(nn.Module):
       all input capsules (QRCCapsNet and the final RCCapsNet Keras code; independent of the input size), or
     * `share_weights=False`: one matrix per (i, j), `kernel` of shape
       `[in_caps, in_dim, num_capsules * capsule_dim]` (Sabour et al. 2017; ties the model to one input size).
-  They are routed with `routing.dynamic_routing`. There are no biases, as in the published code.
+  They are routed with `routing.dynamic_routing`; with shared weights by `routing.dynamic_routing_shared`, the
+  same function computed without the `[B, in_caps, num_capsules, capsule_dim]` tensor u_hat. There are no
+  biases, as in the published code.
 
   Returns `(v, coupling)`: class capsules `[B, num_capsules, capsule_dim]` and the last iteration's coupling
   coefficients `[B, in_caps, num_capsules]`, both float32 (unless `dtype` is float64). The predictions are
@@ -163,6 +165,11 @@ class RoutedCapsules(nn.Module):
       kernel = self.param("kernel", init, (in_caps, in_dim, outputs), self.param_dtype)
       kernel = kernel.reshape(in_caps, in_dim, self.num_capsules, self.capsule_dim)
       equation = "bid,idjk->bijk"
+    if self.share_weights:
+      # Same function as routing the einsum's u_hat, without building it (see dynamic_routing_shared).
+      return routing.dynamic_routing_shared(u.astype(self.dtype), kernel.astype(self.dtype),
+                                            self.routing_iterations, logit_update=self.logit_update,
+                                            stop_gradient_inner=self.stop_gradient_inner, return_coupling=True)
     u_hat = jnp.einsum(equation, u.astype(self.dtype), kernel.astype(self.dtype))  # [B, in, out, dim]
     return routing.dynamic_routing(u_hat, self.routing_iterations, logit_update=self.logit_update,
                                    stop_gradient_inner=self.stop_gradient_inner, return_coupling=True)

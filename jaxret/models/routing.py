@@ -150,3 +150,76 @@ def dynamic_routing(u_hat: jax.typing.ArrayLike, num_iterations: int = 3, *, log
     raise ValueError(f"Unknown logit_update {logit_update!r}; use one of {LOGIT_UPDATES}.")
   v, coupling = _route(u_hat, num_iterations, logit_update, stop_gradient_inner)
   return (v, coupling) if return_coupling else v
+
+
+def dynamic_routing_shared(u: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike, num_iterations: int = 3, *,
+                           logit_update: str = "accumulate", stop_gradient_inner: bool = False,
+                           return_coupling: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """`dynamic_routing` of the predictions u_hat_{j|i} = u_i W_j, without ever building u_hat.
+
+  With one matrix W_j per output capsule, shared by all input capsules (`RoutedCapsules(share_weights=True)`),
+  the predictions are linear in u_i with the same W_j for every i, so both products of the routing factor:
+
+    s_j = sum_i c_ij u_hat_{j|i} = (sum_i c_ij u_i) W_j,   <u_hat_{j|i}, v_j> = <u_i, v_j W_j^T>.
+
+  Every iteration then reads the input capsules `[..., in_caps, in_dim]` and the `[..., in_caps, out_caps]`
+  logits, not the `[..., in_caps, out_caps, out_dim]` prediction tensor: at In-shop's 8,192 x 23 x 16 that is
+  about `out_dim` times less memory to hold and to move, for the same FLOPs. The result equals
+  `dynamic_routing(jnp.einsum("...id,djk->...ijk", u, kernel), ...)` up to float rounding (the sums are
+  associated differently).
+
+  Args:
+    u: `[..., in_caps, in_dim]` input capsules; leading dims are batch.
+    kernel: `[in_dim, out_caps, out_dim]`, the shared prediction matrices (W_j = `kernel[:, j, :]`).
+    num_iterations, logit_update, stop_gradient_inner, return_coupling: as in `dynamic_routing`
+      (`stop_gradient_inner` stops the gradient to `u` and `kernel` in the iterations before the last).
+
+  Returns:
+    As `dynamic_routing`: `v` `[..., out_caps, out_dim]`, and with `return_coupling` the coupling
+    coefficients `[..., in_caps, out_caps]`. float32 for half-precision inputs, else their dtype.
+
+  Raises:
+    ValueError: for badly shaped inputs, `num_iterations` < 1 or an unknown `logit_update`.
+
+  Example:
+    >>> import jax
+    >>> u = jax.random.normal(jax.random.key(0), (2, 32, 8))         # batch 2, 32 capsules of 8-D
+    >>> kernel = jax.random.normal(jax.random.key(1), (8, 10, 16))   # -> 10 capsules of 16-D
+    >>> v, c = dynamic_routing_shared(u, kernel, 3, return_coupling=True)
+    >>> v.shape, c.shape
+    ((2, 10, 16), (2, 32, 10))
+  """
+  u = jnp.asarray(u)
+  kernel = jnp.asarray(kernel)
+  if u.ndim < 2 or kernel.ndim != 3 or kernel.shape[0] != u.shape[-1]:
+    raise ValueError(f"Expected u [..., in_caps, in_dim] and kernel [in_dim, out_caps, out_dim] with the same "
+                     f"in_dim; got u {u.shape} and kernel {kernel.shape}.")
+  if not isinstance(num_iterations, int) or num_iterations < 1:
+    raise ValueError(f"num_iterations must be a Python int >= 1; got {num_iterations!r}.")
+  if logit_update not in LOGIT_UPDATES:
+    raise ValueError(f"Unknown logit_update {logit_update!r}; use one of {LOGIT_UPDATES}.")
+  dtype = _routing_dtype(jnp.promote_types(u.dtype, kernel.dtype))
+  u = u.astype(jnp.promote_types(u.dtype, kernel.dtype))
+  num_out = kernel.shape[1]
+  # The products with W are small ([..., out_caps, in_dim] x [in_dim, out_dim]); they run in the routing
+  # dtype. The two products with u (its size times out_caps) run in u's dtype, summed in the routing dtype.
+  kernel = kernel.astype(dtype)
+  u_inner = lax.stop_gradient(u) if stop_gradient_inner else u
+  kernel_inner = lax.stop_gradient(kernel) if stop_gradient_inner else kernel
+  logits = None  # b: [..., in_caps, out_caps]
+  for iteration in range(num_iterations):
+    is_last = iteration == num_iterations - 1
+    x, w = (u, kernel) if is_last else (u_inner, kernel_inner)
+    if logits is None:  # b = 0: uniform coupling 1 / out_caps, the same weighted input for every j.
+      coupling = jnp.full(u.shape[:-1] + (num_out,), 1.0 / num_out, dtype)
+      s = jnp.einsum("...d,djk->...jk", jnp.sum(x, axis=-2, dtype=dtype) / num_out, w)
+    else:
+      coupling = jax.nn.softmax(logits, axis=-1)  # over the parents j, as in dynamic_routing
+      weighted = jnp.einsum("...ij,...id->...jd", coupling.astype(x.dtype), x, preferred_element_type=dtype)
+      s = jnp.einsum("...jd,djk->...jk", weighted, w)
+    v = squash(s)  # [..., out_caps, out_dim]
+    if not is_last:
+      v_back = jnp.einsum("djk,...jk->...jd", w, v)  # v_j W_j^T: [..., out_caps, in_dim]
+      agreement = jnp.einsum("...id,...jd->...ij", x, v_back.astype(x.dtype), preferred_element_type=dtype)
+      logits = agreement if logits is None or logit_update == "replace" else logits + agreement
+  return (v, coupling) if return_coupling else v
