@@ -229,11 +229,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
 
-  # Data. The chief generates a synthetic dataset on first use; the others wait for it.
+  # Data. The chief generates a synthetic dataset on first use while the others wait; a process that still
+  # does not see it then (a data dir on a disk of its own host) generates its own copy.
   builder = input_pipeline.get_builder(config.input.dataset, config.data_dir, prepare=is_chief)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("dataset prepared")
-    builder = input_pipeline.get_builder(config.input.dataset, config.data_dir, prepare=False)
+    builder = input_pipeline.get_builder(config.input.dataset, config.data_dir)
   train_source = input_pipeline.read_split(builder, "train")
   train_index = input_pipeline.index_split(train_source, "indexing train")
   images_per_product = config.input.images_per_product
