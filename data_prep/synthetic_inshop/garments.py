@@ -208,7 +208,8 @@ class Difficulty:
   pattern_prob: float = 0.75
   # Scales the probability of each detail (buttons, pockets, logos, cuffs, belts, ...); 0 -> plain garments.
   detail_level: float = 1.0
-  # Scales geometric change between views: rotation, translation, zoom, arm and leg pose.
+  # Scales geometric change between views: rotation (+-5.5 degrees), translation (+-4%), zoom (x0.91..1.08),
+  # framing, arm and leg pose.
   view_jitter: float = 1.0
   # Scales photometric change between views: brightness (x0.76..1.2), contrast (same), colour cast (+-10%
   # per channel), light gradient, noise. Lighting moves colour histograms far more than a learned embedding.
@@ -218,7 +219,7 @@ class Difficulty:
   # Probability that a view shows the garment on a model (with head, arms, legs, other clothes), else flat.
   model_prob: float = 0.6
   # Probabilities of the view types front, side, back, full (whole model, garment small), additional (close-up).
-  view_weights: tuple[float, float, float, float, float] = (0.42, 0.16, 0.14, 0.14, 0.14)
+  view_weights: tuple[float, float, float, float, float] = (0.55, 0.15, 0.1, 0.1, 0.1)
 
   def __post_init__(self):
     if not 1 <= self.palette_size <= 8:
@@ -535,8 +536,8 @@ def sample_view(rng: np.random.Generator, product: Product, difficulty: Difficul
   weights = np.asarray(difficulty.view_weights, np.float64)
   view_type = VIEW_TYPES[int(rng.choice(len(VIEW_TYPES), p=weights / weights.sum()))]
   on_model = bool(view_type == "full" or rng.random() < difficulty.model_prob)
-  zoom = float(np.exp(rng.uniform(-0.12, 0.1) * jit))
-  centre = (float(rng.uniform(-0.06, 0.06) * jit), float(rng.uniform(-0.06, 0.06) * jit))
+  zoom = float(np.exp(rng.uniform(-0.096, 0.08) * jit))
+  centre = (float(rng.uniform(-0.048, 0.048) * jit), float(rng.uniform(-0.048, 0.048) * jit))
   squash = 1.0
   if view_type == "side":
     squash = float(rng.uniform(0.55, 0.75))
@@ -557,9 +558,9 @@ def sample_view(rng: np.random.Generator, product: Product, difficulty: Difficul
   cast = tuple(float(c) for c in np.exp(rng.uniform(-0.1, 0.1, 3) * light))
   return View(
       view_type=view_type, on_model=on_model, flip=bool(rng.random() < 0.5),
-      rotation=float(rng.uniform(-0.12, 0.12) * jit), zoom=zoom, squash=squash, centre=centre,
-      shift=(float(rng.uniform(-0.05, 0.05) * jit), float(rng.uniform(-0.05, 0.05) * jit)),
-      arm_angle=float(rng.uniform(0.12, 0.12 + 0.35 * jit)), leg_spread=float(rng.uniform(0.0, 0.12 * jit)),
+      rotation=float(rng.uniform(-0.096, 0.096) * jit), zoom=zoom, squash=squash, centre=centre,
+      shift=(float(rng.uniform(-0.04, 0.04) * jit), float(rng.uniform(-0.04, 0.04) * jit)),
+      arm_angle=float(rng.uniform(0.12, 0.12 + 0.28 * jit)), leg_spread=float(rng.uniform(0.0, 0.096 * jit)),
       background=kind, background_colours=colours, background_param=float(rng.uniform(0.3, 0.8)),
       brightness=float(np.exp(rng.uniform(-0.27, 0.18) * light)),
       contrast=float(np.exp(rng.uniform(-0.27, 0.18) * light)), cast=cast,
