@@ -130,7 +130,9 @@ def test_prepared_folder_with_other_settings_is_refused(tiny_dir, tmp_path):
   stored["settings"]["seed"] += 1
   metadata.write_text(json.dumps(stored))
   with pytest.raises(ValueError, match="other settings"):
-    synthetic_inshop.SyntheticInshop(config="tiny", data_dir=str(copy)).download_and_prepare()
+    synthetic_inshop.SyntheticInshop(config="tiny", data_dir=str(copy))
+  with pytest.raises(ValueError, match="other settings"):
+    tfds.data_source("synthetic_inshop/tiny", data_dir=str(copy), split="query")
   # The unchanged folder is reused without complaint.
   synthetic_inshop.SyntheticInshop(config="tiny", data_dir=str(tiny_dir)).download_and_prepare()
 

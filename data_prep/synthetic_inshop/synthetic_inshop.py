@@ -194,6 +194,8 @@ class SyntheticInshop(tfds.core.GeneratorBasedBuilder):
     num_workers = self.builder_config.num_workers if num_workers is None else num_workers
     self._num_workers = (os.cpu_count() or 1) if num_workers < 0 else num_workers
     self._pool = None  # worker processes, shared by the splits while download_and_prepare runs
+    # Here, not only in download_and_prepare: readers that find the folder prepared never call that.
+    self._check_settings()
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -211,21 +213,26 @@ class SyntheticInshop(tfds.core.GeneratorBasedBuilder):
     Raises:
       ValueError: the folder holds this config's name but was written with other settings.
     """
-    metadata_path = os.path.join(self.data_dir, "metadata.json")
-    if os.path.exists(metadata_path):
-      with open(metadata_path) as f:
-        stored = json.load(f).get("settings")
-      if stored != self.builder_config.settings():
-        raise ValueError(
-            f"{self.data_dir} holds synthetic_inshop/{self.builder_config.name} generated with other settings "
-            f"({stored}) than the config now asks for ({self.builder_config.settings()}). Delete that folder to "
-            f"regenerate it, or give the changed config a new name.")
+    self._check_settings()
     try:
       super().download_and_prepare(**kwargs)
     finally:
       if self._pool is not None:
         self._pool.shutdown(cancel_futures=True)
         self._pool = None
+
+  def _check_settings(self):
+    """Refuses a prepared folder whose stored settings differ from the config's (stale data, same name)."""
+    metadata_path = os.path.join(self.data_dir, "metadata.json")
+    if not os.path.exists(metadata_path):
+      return
+    with open(metadata_path) as f:
+      stored = json.load(f).get("settings")
+    if stored != self.builder_config.settings():
+      raise ValueError(
+          f"{self.data_dir} holds synthetic_inshop/{self.builder_config.name} generated with other settings "
+          f"({stored}) than the config now asks for ({self.builder_config.settings()}). Delete that folder to "
+          f"regenerate it, or give the changed config a new name.")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Nothing to download.
