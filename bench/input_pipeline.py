@@ -20,6 +20,7 @@ The last line of stdout is JSON with every number.
 """
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -38,14 +39,17 @@ BENCH_CONFIG_NAME = "bench256"
 def bench_builder(data_dir: str):
   """A 256x256 synthetic In-shop with 200 training products (rendered into `data_dir` on first use)."""
   from data_prep import synthetic_inshop  # pylint: disable=g-import-not-at-top
-  config = synthetic_inshop.SyntheticInshopConfig(
-      name=BENCH_CONFIG_NAME, description="256x256, 200 train / 50 test products; for bench/input_pipeline.py.",
-      image_size=256, supersample=1, num_train_items=200, num_test_items=50, num_train_images=1600,
-      num_query_images=100, num_gallery_images=100, num_workers=0)
+  fields = dict(description="256x256, 200 train / 50 test products; for bench/input_pipeline.py.",
+                image_size=256, supersample=1, num_train_items=200, num_test_items=50, num_train_images=1600,
+                num_query_images=100, num_gallery_images=100, num_workers=0)
+  # The folder is named after the settings (the renderer's defaults may change), so a stale one is never read.
+  settings = synthetic_inshop.SyntheticInshopConfig(name=BENCH_CONFIG_NAME, **fields).settings()
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+  config = synthetic_inshop.SyntheticInshopConfig(name=f"{BENCH_CONFIG_NAME}_{digest}", **fields)
   builder = synthetic_inshop.SyntheticInshop(config=config, data_dir=data_dir)
   if not builder.is_prepared():
     start = time.perf_counter()
-    print(f"Rendering synthetic_inshop/{BENCH_CONFIG_NAME} into {data_dir} (once) ...", flush=True)
+    print(f"Rendering synthetic_inshop/{config.name} into {data_dir} (once) ...", flush=True)
     builder.download_and_prepare()
     print(f"  done in {time.perf_counter() - start:.0f} s.", flush=True)
   return builder
@@ -111,7 +115,7 @@ def main() -> None:
           f"decode only {row['decode_eval_per_core']:.0f}; train_batches: "
           + ", ".join(f"{t} thread(s) {v['images_per_sec']:.0f}" for t, v in row["train_batches"].items()))
   print(json.dumps({
-      "benchmark": "input_pipeline", "dataset": args.dataset or f"synthetic_inshop/{BENCH_CONFIG_NAME}",
+      "benchmark": "input_pipeline", "dataset": args.dataset or f"synthetic_inshop/{builder.builder_config.name}",
       "input_size": list(input_size), "mean_jpeg_bytes": jpeg_bytes, "images": len(records),
       "repeats": args.repeats, "results": results,
       "python": platform.python_version(), "numpy": np.__version__, "cpu_count": os.cpu_count(),

@@ -161,13 +161,17 @@ class TrainStep:
   clip by global norm, AdamW, BatchNorm statistics updated (the model is in training mode).
 
   `compile=True` wraps the model in `torch.compile` (forward and backward; the optimiser stays eager).
+  `autocast_dtype=torch.bfloat16` runs the model under `torch.autocast` (convolutions and the prediction and
+  routing products in bfloat16, as `dtype=bfloat16` does in JAX); parameters and the loss stay float32.
   """
 
   def __init__(self, model: RCCapsNet, *, learning_rate: float = 1e-3, weight_decay: float = 0.0,
                grad_clip_norm: float = 1.0, warmup_steps: int = 50, total_steps: int = 1000,
-               margin: float = 0.2, compile: bool = False):  # pylint: disable=redefined-builtin
+               margin: float = 0.2, compile: bool = False,  # pylint: disable=redefined-builtin
+               autocast_dtype: torch.dtype | None = None):
     self.model = model.train()
     self.forward = torch.compile(model) if compile else model
+    self.autocast_dtype = autocast_dtype
     self.margin = margin
     self.grad_clip_norm = grad_clip_norm
     self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
@@ -177,7 +181,10 @@ class TrainStep:
 
   def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     self.optimizer.zero_grad(set_to_none=True)
-    loss = batch_hard_triplet_loss(self.forward(images), labels, self.margin)
+    with torch.autocast(images.device.type, dtype=self.autocast_dtype or torch.float32,
+                        enabled=self.autocast_dtype is not None):
+      embeddings = self.forward(images)
+    loss = batch_hard_triplet_loss(embeddings.float(), labels, self.margin)
     loss.backward()
     if self.grad_clip_norm > 0:
       torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)

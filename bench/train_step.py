@@ -267,21 +267,25 @@ def time_parts(config: ml_collections.ConfigDict, state, batch, *, warmup: int =
 
 
 def routing_bytes_per_image(config: ml_collections.ConfigDict, model) -> dict[str, float]:
-  """Size of the prediction tensor u_hat per image, and a lower bound of the bytes routing moves per image.
+  """Lower bounds of the bytes the routing moves per image (fwd + bwd), with and without the prediction tensor.
 
-  Forward, r routing iterations read u_hat 2r - 1 times (r weighted sums, r - 1 agreements) after the einsum
-  writes it once; the backward pass reads it again for each of those products and writes its gradient
-  (2r - 1 reads + 1 write, and the einsum's backward reads that gradient once). Everything else (the
-  `[in, out]` logits, the `[out, dim]` capsules) is smaller by a factor of `capsule_dim`.
+  Through u_hat (`[in, out, dim]` in the computation dtype; unshared weights, or any port that builds it):
+  the einsum writes it once, r iterations read it 2r - 1 times (r weighted sums, r - 1 agreements), and the
+  backward pass reads it again for each of those products, writes its gradient once and reads that once:
+  4r + 1 passes. Shared weights (`routing.dynamic_routing_shared`, jaxret's default): per iteration about two
+  reads of u (`[in, in_dim]`) and three passes over the float32 `[in, out]` logits / coupling forward, twice
+  that backward. Everything else (`[out, dim]` capsules, the kernel) is negligible.
   """
   grid = -(-config.input.image_size // 16)
   in_caps = grid * grid * model.primary_capsule_types
-  elements = in_caps * model.num_classes * model.capsule_dim
   itemsize = jnp.dtype(model.dtype).itemsize
   r = model.routing_iterations
-  passes = (1 + (2 * r - 1)) + ((2 * r - 1) + 1 + 1)
-  return {"u_hat_bytes": float(elements * itemsize), "routing_passes": float(passes),
-          "routing_bytes": float(elements * itemsize * passes), "in_caps": float(in_caps)}
+  u_hat_bytes = in_caps * model.num_classes * model.capsule_dim * itemsize
+  u_bytes = in_caps * model.primary_capsule_dim * itemsize
+  logits_bytes = in_caps * model.num_classes * 4
+  return {"in_caps": float(in_caps), "u_hat_bytes": float(u_hat_bytes),
+          "via_u_hat_bytes": float(u_hat_bytes * (4 * r + 1)),
+          "shared_bytes": float(3 * r * (2 * u_bytes + 3 * logits_bytes))}
 
 
 def main() -> None:

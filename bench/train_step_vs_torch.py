@@ -12,7 +12,7 @@ After warm-up (and compilation) the contestants take turns in one process, `--st
 order reversed every round so that neither always runs right after the other; each contestant's images/s is
 the median over `--rounds` rounds, and the ratios are JAX images/s over each PyTorch variant's. bfloat16 means
 `dtype=bfloat16` in the JAX model and `torch.autocast(bfloat16)` around the twin's forward pass (parameters
-and loss float32 in both).
+and loss float32 in both; the loss outside autocast, as jaxret computes distances in float32).
 
 `--threads N` confines the process to N cores (`os.sched_setaffinity`, which also sizes XLA's thread pools) and
 gives PyTorch N threads (for N = 1 also XLA's `--xla_cpu_multi_thread_eigen=false`). `--threads 1` is the
@@ -58,17 +58,16 @@ class TorchRunner:
     self.step = torch_twin.TrainStep(
         model, learning_rate=config.optim.learning_rate, weight_decay=config.optim.weight_decay,
         grad_clip_norm=config.optim.grad_clip_norm, warmup_steps=config.warmup_steps,
-        total_steps=config.total_steps, margin=config.loss.triplet["margin"], compile=compile)
-    images = torch.from_numpy(np.asarray(batch["image"])).permute(0, 3, 1, 2)
+        total_steps=config.total_steps, margin=config.loss.triplet["margin"], compile=compile,
+        autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+    images = torch.from_numpy(np.array(batch["image"])).permute(0, 3, 1, 2)
     self.images = images.to(device=device).contiguous(memory_format=memory_format)
     self.labels = torch.from_numpy(np.asarray(batch["item_id"]).astype(np.int64)).to(device)
-    self.autocast = dtype == "bfloat16"
     self.loss = None
 
   def run(self, steps: int) -> None:
     for _ in range(steps):
-      with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-        self.loss = self.step(self.images, self.labels)
+      self.loss = self.step(self.images, self.labels)
     if self.device.type == "cuda":
       torch.cuda.synchronize()
     self.loss = float(self.loss)
