@@ -115,7 +115,8 @@ def main() -> None:
           f"decode only {row['decode_eval_per_core']:.0f}; train_batches: "
           + ", ".join(f"{t} thread(s) {v['images_per_sec']:.0f}" for t, v in row["train_batches"].items()))
   print(json.dumps({
-      "benchmark": "input_pipeline", "dataset": args.dataset or f"synthetic_inshop/{builder.builder_config.name}",
+      "benchmark": "input_pipeline",
+      "dataset": args.dataset or f"synthetic_inshop/{builder.builder_config.name}",
       "input_size": list(input_size), "mean_jpeg_bytes": jpeg_bytes, "images": len(records),
       "repeats": args.repeats, "results": results,
       "python": platform.python_version(), "numpy": np.__version__, "cpu_count": os.cpu_count(),

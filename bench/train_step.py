@@ -12,8 +12,10 @@ input pipeline is not part of the time (see bench/input_pipeline.py for that). A
 time of `--repeats` windows of `--steps` steps each is taken, each window ending with a sync; `step_ms` is the
 median window divided by its steps. FLOPs per step come from XLA's cost analysis of the compiled step;
 `mfu` = FLOPs per second / the devices' peak, when the peak of the device kind is in `PEAK_TFLOPS` (null
-otherwise, e.g. on CPU). `--parts` also times the convolutions, the routing and the loss separately (each
-forward + backward, jitted alone).
+otherwise, e.g. on CPU), and `roofline_images_per_sec` the rate at that peak or at the memory bandwidth
+(`PEAK_TBPS`) for XLA's "bytes accessed", whichever binds. `--parts` also times the convolutions, the routing
+and the loss separately (each forward + backward, jitted alone). `--compile_only` prints FLOPs, bytes and
+XLA's memory for a configuration without running it (e.g. to size a GPU batch on a CPU).
 
 The last line of stdout is JSON with at least `images_per_sec`, `step_ms`, `flops_per_image` and `mfu`.
 """
@@ -126,12 +128,28 @@ def build_train_step(config: ml_collections.ConfigDict):
   return step_fn, state, batch, model
 
 
-def xla_flops(compiled) -> float:
-  """FLOPs of one call of a compiled computation, from XLA's cost analysis (0 when it has none)."""
+def xla_cost(compiled, key: str = "flops") -> float:
+  """`key` ("flops", "bytes accessed") of one call of a compiled computation, from XLA's cost analysis."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # Older jax: one dict per computation.
     analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get("flops", 0.0))
+  return float((analysis or {}).get(key, 0.0))
+
+
+def xla_flops(compiled) -> float:
+  """FLOPs of one call of a compiled computation, from XLA's cost analysis (0 when it has none)."""
+  return xla_cost(compiled, "flops")
+
+
+def roofline_images_per_sec(flops_per_image: float, bytes_per_image: float, device_kind: str,
+                            dtype: str) -> float | None:
+  """The images/s one device could reach if it ran at its peak FLOP rate or its peak memory bandwidth,
+  whichever binds (XLA's "bytes accessed" counts every fusion's operands and results once)."""
+  peak = device_peak_flops(device_kind, dtype)
+  bandwidth = PEAK_TBPS.get(device_kind)
+  if peak is None or bandwidth is None:
+    return None
+  return 1.0 / max(flops_per_image / peak, bytes_per_image / (1e12 * bandwidth))
 
 
 def time_windows(run_window, repeats: int) -> list[float]:
@@ -163,6 +181,10 @@ class StepRunner:
   @property
   def flops_per_step(self) -> float:
     return xla_flops(self.compiled)
+
+  @property
+  def bytes_accessed_per_step(self) -> float:
+    return xla_cost(self.compiled, "bytes accessed")
 
   @property
   def memory_bytes(self) -> int:
@@ -212,7 +234,8 @@ def time_parts(config: ml_collections.ConfigDict, state, batch, *, warmup: int =
     def __call__(self, images, train=False, category=None):
       return self.primary_capsules(images, train)
 
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("parent", "name")}
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.name not in ("parent", "name")}
   conv_model = ConvolutionsOnly(**fields)
 
   def convolutions(params, images):
@@ -313,9 +336,11 @@ def main() -> None:
   load_at_start = os.getloadavg()[0]
   runner = StepRunner(config)
   if args.compile_only:  # FLOPs and memory of a configuration, e.g. a GPU batch size, without running it.
-    print(json.dumps({"benchmark": "train_step_compile_only", "model": args.model, "image_size": args.image_size,
+    print(json.dumps({"benchmark": "train_step_compile_only", "model": args.model,
+                      "image_size": args.image_size,
                       "batch_size": args.batch_size, "dtype": args.dtype, "loss": args.loss,
                       "flops_per_image": runner.flops_per_step / args.batch_size,
+                      "bytes_accessed_per_image": runner.bytes_accessed_per_step / args.batch_size,
                       "xla_memory_bytes": runner.memory_bytes, "compile_s": runner.compile_s,
                       "routing": routing_bytes_per_image(config, runner.model),
                       "device": jax.devices()[0].device_kind, "jax": jax.__version__}))
@@ -337,6 +362,10 @@ def main() -> None:
       "flops_per_image": flops_per_step / args.batch_size,
       "mfu": mfu,
       "peak_flops_per_device": peak,
+      "bytes_accessed_per_image": runner.bytes_accessed_per_step / args.batch_size,
+      "roofline_images_per_sec": roofline_images_per_sec(
+          flops_per_step / args.batch_size, runner.bytes_accessed_per_step / args.batch_size,
+          device.device_kind, args.dtype),
       "xla_memory_bytes": runner.memory_bytes,
       "compile_s": runner.compile_s,
       "loss_value": float(runner.metrics["loss"]),

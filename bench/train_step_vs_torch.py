@@ -48,8 +48,9 @@ def torch_device() -> torch.device:
 class TorchRunner:
   """The twin's training step on the benchmark batch, run `steps` at a time."""
 
-  def __init__(self, config, params, batch_stats, batch, *, compile: bool, channels_last: bool,  # pylint: disable=redefined-builtin
-               dtype: str, device: torch.device):
+  def __init__(self, config, params, batch_stats, batch, *,
+               compile: bool,  # pylint: disable=redefined-builtin
+               channels_last: bool, dtype: str, device: torch.device):
     self.device = device
     model = torch_twin.RCCapsNet(num_classes=config.model.num_classes)
     torch_twin.load_flax_params(model, params, batch_stats)
@@ -163,7 +164,8 @@ def main() -> None:
       "images_per_sec": images_per_sec, "ratios": ratios,
       "cpu_ms_per_step": cpu_ms_per_step, "cpu_time_ratios": cpu_ratios,
       "window_s": windows, "setup_s": setup_s, "errors": errors,
-      "losses": {name: float(c.metrics["loss"]) if name == "jax" else c.loss for name, c in contestants.items()},
+      "losses": {name: float(c.metrics["loss"]) if name == "jax" else c.loss
+                 for name, c in contestants.items()},
       "flops_per_image": jax_runner.flops_per_step / args.batch_size,
       "device": jax.devices()[0].device_kind, "torch_device": str(device),
       "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

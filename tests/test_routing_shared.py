@@ -58,7 +58,8 @@ def test_gradients_equal_those_through_the_predictions(stop_gradient_inner):
 def test_float32_and_bfloat16_near_float64():
   u, kernel = inputs(shape=(4, 512, 16), out_caps=23, out_dim=16, dtype=jnp.float32)
   with jax.enable_x64(True):
-    exact = np.asarray(routing.dynamic_routing(predictions(u.astype(jnp.float64), kernel.astype(jnp.float64)), 3))
+    exact = np.asarray(
+        routing.dynamic_routing(predictions(u.astype(jnp.float64), kernel.astype(jnp.float64)), 3))
   v32 = routing.dynamic_routing_shared(u, kernel, 3)
   v16 = routing.dynamic_routing_shared(u.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 3)
   assert v32.dtype == v16.dtype == jnp.float32
