@@ -244,13 +244,14 @@ def time_parts(config: ml_collections.ConfigDict, state, batch, *, warmup: int =
     return out
 
   def fwd_bwd(fn, *args):
-    """value and the VJP with a fixed random cotangent, w.r.t. every argument."""
+    """The value of `fn(*args)` and its VJP w.r.t. every argument, for a fixed random cotangent."""
     out, vjp = jax.vjp(fn, *args)
     cotangent = jax.random.normal(jax.random.key(2), out.shape, out.dtype)
     return out, vjp(cotangent)
 
   conv_params = {k: v for k, v in variables["params"].items() if k != "class_capsules"}
-  conv_fn = jax.jit(lambda p, x: fwd_bwd(convolutions, p, x))
+  # Gradients w.r.t. the parameters only: the step needs none w.r.t. the images.
+  conv_fn = jax.jit(lambda p, x: fwd_bwd(lambda p: convolutions(p, x), p))
   primary = jax.jit(convolutions)(conv_params, images)
 
   routed = capsule_layers.RoutedCapsules(
