@@ -27,6 +27,10 @@ from data_prep import inshop_features
 
 Colour = tuple[int, int, int]
 
+# Bump when a change here alters the pixels drawn for the same specs: prepared datasets store it and are
+# refused (see `SyntheticInshopConfig.settings`) rather than silently mixed with new drawings.
+RENDERER_VERSION = 1
+
 # --------------------------------------------------------------------------------------------------------------
 # Colours and per-category styles.
 

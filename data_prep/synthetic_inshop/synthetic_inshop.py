@@ -68,11 +68,12 @@ class SyntheticInshopConfig(tfds.core.BuilderConfig):
                        f"{self.jpeg_quality}.")
 
   def settings(self) -> dict:
-    """The fields that determine the data (not `num_workers`), as JSON-able values."""
+    """What determines the data: the fields (not `num_workers`) and the renderer version, JSON-able."""
     inherited = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
               if f.name not in inherited and f.name != "num_workers"}
     fields["difficulty"] = dataclasses.asdict(self.difficulty)
+    fields["renderer_version"] = garments.RENDERER_VERSION
     return json.loads(json.dumps(fields))
 
 
