@@ -25,14 +25,18 @@ def free_port() -> int:
 
 
 def launch(num_processes: int, devices_per_process: int, train_args: list[str], *, port: int | None = None,
-           grace_seconds: float = 90.0, extra_env: dict[str, str] | None = None) -> int:
-  """Runs the processes to completion; returns the exit status (first non-zero one, else 0)."""
+           grace_seconds: float = 90.0, extra_env: dict[str, str] | None = None, stdout=None) -> int:
+  """Runs the processes to completion; returns the exit status (first non-zero one, else 0).
+
+  `stdout`: a file that receives every process's output (default: this process's stdout and stderr).
+  """
   address = f"127.0.0.1:{port or free_port()}"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}", **(extra_env or {}))
   processes = [
       subprocess.Popen([sys.executable, "-m", "jaxret.train", *train_args, "--coordinator_address", address,
-                        "--num_processes", str(num_processes), "--process_id", str(i)], env=env)
+                        "--num_processes", str(num_processes), "--process_id", str(i)], env=env,
+                       stdout=stdout, stderr=subprocess.STDOUT if stdout is not None else None)
       for i in range(num_processes)]
   status, failed_at = 0, None
   while any(p.poll() is None for p in processes):
