@@ -5,7 +5,8 @@ Everything here works on arrays and holds no parameters; the Flax layers in `cap
 batched einsums over the `[..., out_caps, in_caps, out_dim]` order; the routing iterations are an unrolled
 Python loop over a static count, so the whole routing is one XLA computation under `jax.jit`. (Batched
 einsums rather than a `jax.vmap` of a one-example function, and this order rather than the argument's: both
-remove transposed copies of the prediction tensor; see docs/benchmarks.md.)
+remove transposed copies of the prediction tensor; see docs/benchmarks.md.) `dynamic_routing_shared` computes
+the same routing for shared prediction matrices from the input capsules, without building that tensor at all.
 
 Precision: for half-precision inputs (bfloat16, float16) the routing logits, the softmax, the squash and the
 outputs are float32; the products with the big prediction tensor are taken in the input dtype and summed in
