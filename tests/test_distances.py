@@ -83,3 +83,14 @@ def test_errors():
     pairwise_distances(jnp.ones((2, 3)), jnp.ones((2, 4)))
   with pytest.raises(ValueError, match=r"\[num_points, dim\]"):
     pairwise_distances(jnp.ones((2, 3, 4)))
+
+
+def test_squared_distances_accurate_far_from_the_origin():
+  """Capsule embeddings: norm sqrt(23), neighbours 1e-3 apart; float32 |x|^2+|y|^2-2xy alone loses them."""
+  rng = np.random.default_rng(7)
+  base = rng.normal(size=368)
+  base *= np.sqrt(23) / np.linalg.norm(base)
+  x = base + 1e-3 * rng.normal(size=(16, 368))
+  got = np.asarray(pairwise_distances(x.astype(np.float32), squared=True))
+  want = np.sum((x[:, None] - x[None]) ** 2, axis=-1)
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-9)
