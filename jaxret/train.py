@@ -48,6 +48,7 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 30, "A multi-process run stops with an error when a process has not been heard "
     "from for this long (so that one dead process does not leave the others hanging).")
 
+
 @flax.struct.dataclass
 class TrainState:
   """Everything that changes during training, as one pytree (checkpointed as a whole)."""
@@ -226,8 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   if is_chief:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       f.write(config.to_json(indent=2))
+    os.replace(path + ".tmp", path)
 
   # Data. The chief generates a synthetic dataset on first use while the others wait; a process that still
   # does not see it then (a data dir on a disk of its own host) generates its own copy.
@@ -270,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
   evaluator = Evaluator(config, builder, model, mesh)
 
-  def evaluate(step: int) -> tuple[dict[int, float], dict[str, np.ndarray]]:
+  def evaluate(step: int) -> tuple[dict[int, float], dict[str, jax.Array]]:
     recalls, embeddings = evaluator(state)
     log.write({"step": step, **{f"recall@{k}": v for k, v in recalls.items()}})
     if is_chief:
