@@ -147,3 +147,22 @@ def test_inshop_config_without_the_dataset_says_how_to_prepare_it(tmp_path):
   assert completed.returncode != 0
   assert "python -m data_prep.deepfashion_inshop --manual_dir" in completed.stderr
   assert "Traceback" not in completed.stderr
+
+
+def test_inshop_config_trains_on_a_prepared_deepfashion_download(tmp_path):
+  """configs/inshop_triplet.py reads what `python -m data_prep.deepfashion_inshop` writes."""
+  import fake_inshop  # pylint: disable=g-import-not-at-top  # tests/ is on sys.path under pytest.
+  from data_prep.deepfashion_inshop import __main__ as prepare  # pylint: disable=g-import-not-at-top
+  categories = ("WOMEN/Dresses", "MEN/Denim", "WOMEN/Skirts", "MEN/Tees_Tanks")
+  rows = [(f"img/{categories[item % 4]}/id_{item:08d}/{view:02d}_1_front.jpg", "train")
+          for item in range(1, 7) for view in range(1, 4)]
+  rows += [(f"img/{categories[item % 4]}/id_{item:08d}/{view:02d}_2_side.jpg", split)
+           for item in range(11, 15) for view, split in ((1, "query"), (2, "gallery"), (3, "gallery"))]
+  fake_inshop.write_release(tmp_path / "download", fake_inshop.make_images(rows))
+  data_dir = tmp_path / "tfds"
+  assert prepare.main(["--manual_dir", str(tmp_path / "download"), "--data_dir", str(data_dir)]) == 0
+  config = load_config(REPO / "configs" / "inshop_triplet.py", "smoke", data_dir=str(data_dir))
+  assert config.input.dataset == "deepfashion_inshop/all"
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert 0 < result["recall@1"] <= result["recall@10"] == 1.0  # 4 products: every query is found in 10
+  assert len(read_metrics(tmp_path / "run")) > 3
