@@ -29,6 +29,12 @@ glorot_uniform = nn.initializers.xavier_uniform()
 PRIMARY_CAPSULE_BLOCKS = ("conv", "residual")
 
 
+def _conv(features: int, kernel_size: int, strides: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
+  """Square conv with SAME padding and Keras' Glorot-uniform kernel, as every conv of these models."""
+  return nn.Conv(features, (kernel_size, kernel_size), strides=strides, padding="SAME",
+                 kernel_init=glorot_uniform, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
 def _batch_norm(train: bool, momentum: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=KERAS_BN_EPSILON,
                       dtype=dtype, param_dtype=param_dtype, name=name)
@@ -49,8 +55,7 @@ class ConvBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), strides=self.strides, padding="SAME",
-                kernel_init=glorot_uniform, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+    x = _conv(self.features, self.kernel_size, self.strides, self.dtype, self.param_dtype, "conv")(x)
     x = _batch_norm(train, self.batch_norm_momentum, self.dtype, self.param_dtype, "bn")(x)
     x = nn.relu(x)
     # Spatial dropout (Keras SpatialDropout2D): one mask per example and channel, shared over H and W.
@@ -74,8 +79,7 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     def conv(features, kernel_size, strides, name):
-      return nn.Conv(features, (kernel_size, kernel_size), strides=strides, padding="SAME",
-                     kernel_init=glorot_uniform, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+      return _conv(features, kernel_size, strides, self.dtype, self.param_dtype, name)
 
     def bn(name):
       return _batch_norm(train, self.batch_norm_momentum, self.dtype, self.param_dtype, name)
@@ -111,8 +115,7 @@ class PrimaryCapsules(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     features = self.num_types * self.capsule_dim
     if self.block == "conv":
-      x = nn.Conv(features, (self.kernel_size, self.kernel_size), strides=self.strides, padding="SAME",
-                  kernel_init=glorot_uniform, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+      x = _conv(features, self.kernel_size, self.strides, self.dtype, self.param_dtype, "conv")(x)
     elif self.block == "residual":
       x = ResidualBlock(features, strides=self.strides, leaky_relu_slope=self.leaky_relu_slope,
                         batch_norm_momentum=self.batch_norm_momentum, dtype=self.dtype,
@@ -157,19 +160,14 @@ class RoutedCapsules(nn.Module):
     if self.share_weights:
       kernel = self.param("kernel", glorot_uniform, (in_dim, outputs), self.param_dtype)
       kernel = kernel.reshape(in_dim, self.num_capsules, self.capsule_dim)
-      equation = "bid,djk->bijk"
-    else:
-      # Glorot fans per (i, j) matrix: fan_in = in_dim, fan_out = num_capsules * capsule_dim.
-      init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2, out_axis=-1,
-                                              batch_axis=(0,))
-      kernel = self.param("kernel", init, (in_caps, in_dim, outputs), self.param_dtype)
-      kernel = kernel.reshape(in_caps, in_dim, self.num_capsules, self.capsule_dim)
-      equation = "bid,idjk->bijk"
-    if self.share_weights:
-      # Same function as routing the einsum's u_hat, without building it (see dynamic_routing_shared).
+      # Same function as routing u_hat = einsum("bid,djk->bijk", u, kernel), without building it.
       return routing.dynamic_routing_shared(u.astype(self.dtype), kernel.astype(self.dtype),
                                             self.routing_iterations, logit_update=self.logit_update,
                                             stop_gradient_inner=self.stop_gradient_inner, return_coupling=True)
-    u_hat = jnp.einsum(equation, u.astype(self.dtype), kernel.astype(self.dtype))  # [B, in, out, dim]
+    # Glorot fans per (i, j) matrix: fan_in = in_dim, fan_out = num_capsules * capsule_dim.
+    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2, out_axis=-1, batch_axis=(0,))
+    kernel = self.param("kernel", init, (in_caps, in_dim, outputs), self.param_dtype)
+    kernel = kernel.reshape(in_caps, in_dim, self.num_capsules, self.capsule_dim)
+    u_hat = jnp.einsum("bid,idjk->bijk", u.astype(self.dtype), kernel.astype(self.dtype))  # [B, in, out, dim]
     return routing.dynamic_routing(u_hat, self.routing_iterations, logit_update=self.logit_update,
                                    stop_gradient_inner=self.stop_gradient_inner, return_coupling=True)
