@@ -46,31 +46,41 @@ def _as_float(x: jax.typing.ArrayLike, name: str) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def pairwise_sq_euclidean_distances(x: jax.typing.ArrayLike,
-                                    y: jax.typing.ArrayLike | None = None) -> jax.Array:
-  """Squared Euclidean distances with one matmul: |x|^2 + |y|^2 - 2 x y^T, clamped at 0.
-
-  Args:
-    x: `[N, D]` embeddings.
-    y: `[M, D]` embeddings, or None for `y = x`, in which case the diagonal is exactly 0.
-
-  Returns:
-    `[N, M]` array of squared distances (float32, or float64 for float64 inputs).
-  """
+def _pair(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike | None) -> tuple[jax.Array, jax.Array, bool]:
+  """`x`, `y` (x itself when None) as float arrays of one dtype, and whether y is x."""
   x = _as_float(x, "x")
   same = y is None
   y = x if same else _as_float(y, "y")
   if x.shape[1] != y.shape[1]:
     raise ValueError(f"x and y must have the same embedding size; got x {x.shape} and y {y.shape}.")
   dtype = jnp.promote_types(x.dtype, y.dtype)
-  x, y = x.astype(dtype), y.astype(dtype)
-  # Distances do not depend on the origin: measuring from the mean of x keeps |x|^2 + |y|^2 - 2 x.y accurate
-  # when the embeddings sit far from the origin (every capsule L2-normalised: norms of sqrt(23) with
-  # neighbours 1e-3 apart). The centre carries no gradient because the distances do not depend on it.
-  centre = jax.lax.stop_gradient(jnp.mean(x, axis=0))
+  return x.astype(dtype), y.astype(dtype), same
+
+
+def pairwise_sq_euclidean_distances(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike | None = None, *,
+                                    centre: jax.typing.ArrayLike | None = None) -> jax.Array:
+  """Squared Euclidean distances with one matmul: |x|^2 + |y|^2 - 2 x y^T, clamped at 0.
+
+  Args:
+    x: `[N, D]` embeddings.
+    y: `[M, D]` embeddings, or None for `y = x`, in which case the diagonal is exactly 0.
+    centre: `[D]`, a point near the embeddings that both sides are measured from (default: the mean of x).
+      Pass one explicitly to get bit-identical distances for the same pair in different calls (blocks of a
+      sharded gallery); a data point keeps exact ties of grid data exact.
+
+  Returns:
+    `[N, M]` array of squared distances (float32, or float64 for float64 inputs).
+  """
+  x, y, same = _pair(x, y)
+  # Distances do not depend on the origin: measuring from a point among the embeddings keeps
+  # |x|^2 + |y|^2 - 2 x.y accurate when they sit far from the origin (every capsule L2-normalised: norms of
+  # sqrt(23) with neighbours 1e-3 apart). The centre carries no gradient because the distances do not
+  # depend on it.
+  centre = jnp.mean(x, axis=0) if centre is None else jnp.asarray(centre, x.dtype)
+  centre = jax.lax.stop_gradient(centre)
   x, y = x - centre, y - centre
   # HIGHEST precision: on TPU/GPU the default matmul rounds inputs to bfloat16/tf32, which the cancellation
-  # in |x|^2 + |y|^2 - 2 x.y turns into large errors for nearby points. The matmul is tiny ([B, B, D]).
+  # in |x|^2 + |y|^2 - 2 x.y turns into large errors for nearby points.
   dots = jnp.matmul(x, y.T, precision=jax.lax.Precision.HIGHEST)
   sq = jnp.sum(x * x, axis=1)[:, None] + jnp.sum(y * y, axis=1)[None, :] - 2.0 * dots
   sq = jnp.maximum(sq, 0.0)
@@ -89,15 +99,9 @@ def pairwise_cosine_distances(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike |
   Returns:
     `[N, M]` array of cosine distances.
   """
-  x = _as_float(x, "x")
-  same = y is None
-  y = x if same else _as_float(y, "y")
-  if x.shape[1] != y.shape[1]:
-    raise ValueError(f"x and y must have the same embedding size; got x {x.shape} and y {y.shape}.")
-  dtype = jnp.promote_types(x.dtype, y.dtype)
+  x, y, same = _pair(x, y)
 
   def normalize(v):
-    v = v.astype(dtype)
     # max() instead of adding eps: exact for every non-zero vector, finite gradient for the zero vector.
     return v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=1, keepdims=True), _SQRT_EPS))
 
@@ -112,7 +116,8 @@ def pairwise_distances(x: jax.typing.ArrayLike,
                        y: jax.typing.ArrayLike | None = None,
                        *,
                        squared: bool = False,
-                       metric: str = "euclidean") -> jax.Array:
+                       metric: str = "euclidean",
+                       centre: jax.typing.ArrayLike | None = None) -> jax.Array:
   """All distances between the rows of `x` and the rows of `y`.
 
   Args:
@@ -120,6 +125,7 @@ def pairwise_distances(x: jax.typing.ArrayLike,
     y: `[M, D]` embeddings, or None for the distances within `x` (exactly 0 on the diagonal).
     squared: return the square of the distance (for "euclidean" this skips the sqrt entirely).
     metric: "euclidean" (|x - y|) or "cosine" (1 - cos(x, y), in [0, 2]).
+    centre: for "euclidean", see `pairwise_sq_euclidean_distances`.
 
   Returns:
     `[N, M]` array of non-negative distances, float32 (float64 for float64 inputs). Value and gradient are
@@ -130,7 +136,7 @@ def pairwise_distances(x: jax.typing.ArrayLike,
     ValueError: for an unknown metric or inputs that are not `[N, D]` arrays of one embedding size.
   """
   if metric == "euclidean":
-    sq = pairwise_sq_euclidean_distances(x, y)
+    sq = pairwise_sq_euclidean_distances(x, y, centre=centre)
     return sq if squared else safe_sqrt(sq)
   if metric == "cosine":
     dist = pairwise_cosine_distances(x, y)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxret.distances import pairwise_distances
+
 DEFAULT_KS = (1, 10, 20, 30, 40, 50)
 METRICS = ("euclidean", "cosine")
 
@@ -30,32 +32,20 @@ def retrieval_distances(queries: jax.Array, gallery: jax.Array, metric: str = "e
     gallery: `[G, D]` embeddings.
     metric: "euclidean" (squared Euclidean distance, which ranks like the Euclidean one and needs no sqrt)
       or "cosine" (1 - cosine similarity).
-    centre: `[D]`, for "euclidean": a point near the embeddings, subtracted from both sides for float32
-      accuracy (default `gallery[0]`). Pass the same one for every block of a gallery.
+    centre: `[D]`, for "euclidean": the point both sides are measured from, for float32 accuracy (default
+      `gallery[0]`: a data point, so exact ties of grid data stay exact). Pass the same one for every block
+      of a gallery.
 
   Returns:
     `[Q, G]` float32 distances.
   """
-  queries = queries.astype(jnp.float32)
-  gallery = gallery.astype(jnp.float32)
+  if metric not in METRICS:
+    raise ValueError(f"Unknown metric {metric!r}; use one of {METRICS}.")
+  queries = jnp.asarray(queries, jnp.float32)
+  gallery = jnp.asarray(gallery, jnp.float32)
   if metric == "cosine":
-    queries = queries / jnp.maximum(jnp.linalg.norm(queries, axis=-1, keepdims=True), 1e-12)
-    gallery = gallery / jnp.maximum(jnp.linalg.norm(gallery, axis=-1, keepdims=True), 1e-12)
-    return 1.0 - queries @ gallery.T
-  if metric == "euclidean":
-    # Distances do not change when both sides move by the same vector. Moving the origin to a gallery image
-    # keeps |q|^2 + |g|^2 - 2 q.g accurate in float32 when the embeddings sit in a small region far from the
-    # origin (every capsule L2-normalised: norms of sqrt(23), neighbours 1e-3 apart). A data point rather than
-    # the mean: differences of nearby floats are exact, so equal distances stay equal (ties on a grid).
-    centre = gallery[0] if centre is None else centre.astype(jnp.float32)
-    queries = queries - centre
-    gallery = gallery - centre
-    # |q|^2 is the same for every gallery image of a query, so it does not change the ranking; it is kept so
-    # that the values are true squared distances (tests and pictures show them).
-    sq_q = jnp.sum(queries * queries, axis=-1, keepdims=True)
-    sq_g = jnp.sum(gallery * gallery, axis=-1)
-    return jnp.maximum(sq_q + sq_g[None, :] - 2.0 * (queries @ gallery.T), 0.0)
-  raise ValueError(f"Unknown metric {metric!r}; use one of {METRICS}.")
+    return pairwise_distances(queries, gallery, metric="cosine")
+  return pairwise_distances(queries, gallery, squared=True, centre=gallery[0] if centre is None else centre)
 
 
 def first_hit_rank(distances: jax.Array, query_labels: jax.Array, gallery_labels: jax.Array,
