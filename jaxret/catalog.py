@@ -28,7 +28,6 @@ import pathlib
 import re
 import threading
 
-import grain
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -147,12 +146,6 @@ def list_images(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[
   return list(dict.fromkeys(found))  # Each file once, in order.
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def file_batches(paths: Sequence[str], *, image_size: int, global_batch: int, process_index: int = 0,
                  process_count: int = 1, num_threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
   """Image files in order, padded to full global batches, as `input_pipeline.eval_batches` does for a split.
@@ -161,24 +154,18 @@ def file_batches(paths: Sequence[str], *, image_size: int, global_batch: int, pr
     `{"image": [B_local, S, S, 3] float32, "valid": [B_local] bool}`; `valid` is False on padding and on
     files that cannot be read as images (their image is zeros).
   """
-  local_batch = global_batch // process_count
-  num_batches = -(-len(paths) // global_batch)
+  padding = {"image": np.zeros((image_size, image_size, 3), np.float32), "valid": np.bool_(False)}
 
-  def element(local_index: int) -> dict[str, np.ndarray]:
-    batch, offset = divmod(local_index, local_batch)
-    index = batch * global_batch + process_index * local_batch + offset
-    if index < len(paths):
-      try:
-        with open(paths[index], "rb") as f:
-          return {"image": input_pipeline.decode_image(f.read(), image_size), "valid": np.bool_(True)}
-      except (OSError, ValueError):
-        pass  # Reported by the caller, which sees valid == False.
-    return {"image": np.zeros((image_size, image_size, 3), np.float32), "valid": np.bool_(False)}
+  def load(index: int) -> dict[str, np.ndarray]:
+    try:
+      with open(paths[index], "rb") as f:
+        return {"image": input_pipeline.decode_image(f.read(), image_size), "valid": np.bool_(True)}
+    except (OSError, ValueError):
+      return padding  # Reported by the caller, which sees valid == False.
 
-  dataset = grain.MapDataset.range(num_batches * local_batch).map(element)
-  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                      prefetch_buffer_size=2 * local_batch))
-  return iter(dataset.batch(local_batch, drop_remainder=True))
+  return input_pipeline.padded_batches(len(paths), load, padding, global_batch=global_batch,
+                                       process_index=process_index, process_count=process_count,
+                                       num_threads=num_threads)
 
 
 def load_image(image) -> np.ndarray:
@@ -232,7 +219,7 @@ def _variables_fingerprint(config: ml_collections.ConfigDict, variables) -> str:
   digest.update(config.model.to_json(sort_keys=True).encode())
   digest.update(f"{config.input.image_size} {config.evals.metric}".encode())
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    value = _to_host(leaf)
+    value = train.host_array(leaf)
     digest.update(f"{jax.tree_util.keystr(path)} {value.dtype} {value.shape}".encode())
     digest.update(np.ascontiguousarray(value).tobytes())
   return digest.hexdigest()[:16]
@@ -321,7 +308,7 @@ class Embedder:
       outputs.append(self._embed(self.state, images))
     if not outputs:
       return np.zeros((0, self.dim), np.float32)
-    return np.concatenate([_to_host(x) for x in outputs])[:total]
+    return np.concatenate([train.host_array(x) for x in outputs])[:total]
 
   def embed_images(self, images: np.ndarray) -> np.ndarray:
     """`[N, S, S, 3]` preprocessed images to `[N, D]` float32 embeddings.
@@ -338,7 +325,7 @@ class Embedder:
       padded = min(padded, self.batch_size)
       padded_chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), np.float32)])
       embeddings = self._embed(self.state, jax.device_put(padded_chunk, self.data_sharding))
-      outputs.append(_to_host(embeddings)[:len(chunk)])
+      outputs.append(train.host_array(embeddings)[:len(chunk)])
     if not outputs:
       return np.zeros((0, self.dim), np.float32)
     return np.concatenate(outputs)

@@ -6,7 +6,7 @@ that batch, and the random augmentation of an image is seeded by (seed, step, po
 A resumed run therefore sees exactly the batches an uninterrupted run would have seen.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import dataclasses
 import functools
 import io
@@ -259,6 +259,39 @@ def train_batches(source, sampler: PKSampler, *, image_size: int, first_step: in
   return iter(dataset.batch(local_batch, drop_remainder=True))
 
 
+def padded_batches(num_items: int, load: Callable[[int], dict[str, np.ndarray]], padding: dict[str, np.ndarray],
+                   *, global_batch: int, process_index: int = 0, process_count: int = 1,
+                   num_threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
+  """Items `0 .. num_items - 1` in order, padded to full global batches; this process's block of each batch.
+
+  Args:
+    num_items: how many items there are.
+    load: item index -> element (a dict of arrays), run on `num_threads` threads.
+    padding: the element that fills the last global batch.
+    global_batch: items per global batch, divisible by `process_count`.
+    process_index, process_count: this process's block of every global batch.
+    num_threads: loading threads.
+
+  Yields:
+    Batched elements; global batch b holds items `b * global_batch ...`, so after concatenation over the
+    processes the first `num_items` rows are the items in order.
+  """
+  if global_batch % process_count:
+    raise ValueError(f"The eval batch size {global_batch} is not divisible by the {process_count} processes.")
+  local_batch = global_batch // process_count
+  num_batches = -(-num_items // global_batch)
+
+  def element(local_index: int) -> dict[str, np.ndarray]:
+    batch, offset = divmod(local_index, local_batch)
+    index = batch * global_batch + process_index * local_batch + offset
+    return load(index) if index < num_items else padding
+
+  dataset = grain.MapDataset.range(num_batches * local_batch).map(element)
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                      prefetch_buffer_size=2 * local_batch))
+  return iter(dataset.batch(local_batch, drop_remainder=True))
+
+
 def eval_batches(source, index: SplitIndex, *, image_size: int, global_batch: int, process_index: int = 0,
                  process_count: int = 1, num_threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
   """A whole split in record order, padded to full global batches, this process's block of each batch.
@@ -267,26 +300,17 @@ def eval_batches(source, index: SplitIndex, *, image_size: int, global_batch: in
     `{"image", "item_id", "category", "valid"}` with `valid` False on padding; the global batch b holds
     records `b * global_batch ...`, so after concatenation the first `len(index)` rows are the split in order.
   """
-  if global_batch % process_count:
-    raise ValueError(f"The eval batch size {global_batch} is not divisible by the {process_count} processes.")
-  local_batch = global_batch // process_count
-  num_batches = -(-len(index) // global_batch)
   item_ids = index.item_ids.astype(np.int32)
 
-  def element(local_index: int) -> dict[str, np.ndarray]:
-    batch, offset = divmod(local_index, local_batch)
-    record_index = batch * global_batch + process_index * local_batch + offset
-    if record_index >= len(index):
-      return {"image": np.zeros((image_size, image_size, 3), np.float32), "item_id": np.int32(-1),
-              "category": np.int32(-1), "valid": np.bool_(False)}
+  def load(record_index: int) -> dict[str, np.ndarray]:
     record = source[record_index]
     return {"image": decode_image(record["image"], image_size), "item_id": item_ids[record_index],
             "category": np.int32(record["category"]), "valid": np.bool_(True)}
 
-  dataset = grain.MapDataset.range(num_batches * local_batch).map(element)
-  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                      prefetch_buffer_size=2 * local_batch))
-  return iter(dataset.batch(local_batch, drop_remainder=True))
+  padding = {"image": np.zeros((image_size, image_size, 3), np.float32), "item_id": np.int32(-1),
+             "category": np.int32(-1), "valid": np.bool_(False)}
+  return padded_batches(len(index), load, padding, global_batch=global_batch, process_index=process_index,
+                        process_count=process_count, num_threads=num_threads)
 
 
 def load_thumbnail(source, record_index: int, size: int) -> np.ndarray:

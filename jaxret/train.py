@@ -147,7 +147,7 @@ class MetricsLog:
         f.write(json.dumps(row) + "\n")
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def host_array(x: jax.Array) -> np.ndarray:
   """A (possibly multi-process) sharded array as one NumPy array on every process."""
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
@@ -181,7 +181,7 @@ class Evaluator:
 
   def embed_split(self, state, split: str) -> np.ndarray:
     """`[N, D]` embeddings of a whole split, in record order, on the host (every process)."""
-    return _to_host(self.embed_split_on_device(state, split))[:len(self.indexes[split])]
+    return host_array(self.embed_split_on_device(state, split))[:len(self.indexes[split])]
 
   def _global(self, values: np.ndarray, sharding) -> jax.Array:
     """A host array that every process holds in full, as a global array with `sharding`."""
@@ -327,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_chief:
     print(recall_table(recalls, f"{config.model.name} ({config.loss.name}, step {config.total_steps})"))
     pictures.plot_curves(log.rows, os.path.join(workdir, "curves.png"))
-  host_embeddings = {split: _to_host(x)[:len(evaluator.indexes[split])] for split, x in embeddings.items()}
+  host_embeddings = {split: host_array(x)[:len(evaluator.indexes[split])] for split, x in embeddings.items()}
   if is_chief:
     pictures.plot_retrievals(
         host_embeddings["query"], host_embeddings["gallery"], evaluator.indexes["query"],
