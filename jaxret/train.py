@@ -168,6 +168,17 @@ class Evaluator:
     self._embed = jax.jit(functools.partial(embed_step, model=model),
                           in_shardings=(self.replicated, self.data_sharding), out_shardings=self.data_sharding)
     self._concatenate = jax.jit(jnp.concatenate, out_shardings=self.data_sharding)
+    # Everything that does not change between evaluations is made once: the query slice (compiled once)
+    # and the labels and padding mask of the padded gallery, already on the devices.
+    num_queries = len(self.indexes["query"])
+    self._real_queries = jax.jit(lambda x: x[:num_queries], out_shardings=self.replicated)
+    self.query_labels = self._global(self.indexes["query"].item_ids.astype(np.int32), self.replicated)
+    num_gallery = len(self.indexes["gallery"])
+    padded_gallery = -(-num_gallery // config.evals.batch_size) * config.evals.batch_size
+    gallery_labels = np.full(padded_gallery, -1, np.int32)
+    gallery_labels[:num_gallery] = self.indexes["gallery"].item_ids
+    self.gallery_labels = self._global(gallery_labels, self.data_sharding)
+    self.gallery_valid = self._global(np.arange(padded_gallery) < num_gallery, self.data_sharding)
 
   def embed_split_on_device(self, state, split: str) -> jax.Array:
     """`[N_padded, D]` embeddings of a split in record order, sharded over the devices; rows >= N are padding."""
@@ -190,16 +201,9 @@ class Evaluator:
   def __call__(self, state) -> tuple[dict[int, float], dict[str, jax.Array]]:
     """Recall@K of the state, and the padded query and gallery embeddings (device arrays)."""
     embeddings = {split: self.embed_split_on_device(state, split) for split in ("query", "gallery")}
-    num_queries = len(self.indexes["query"])
-    queries = jax.jit(lambda x: x[:num_queries], out_shardings=self.replicated)(embeddings["query"])
-    gallery_size = embeddings["gallery"].shape[0]
-    gallery_labels = np.full(gallery_size, -1, np.int32)
-    gallery_labels[:len(self.indexes["gallery"])] = self.indexes["gallery"].item_ids
     ranks = metrics.sharded_query_ranks(
-        queries, self._global(self.indexes["query"].item_ids.astype(np.int32), self.replicated),
-        embeddings["gallery"], self._global(gallery_labels, self.data_sharding),
-        self._global(np.arange(gallery_size) < len(self.indexes["gallery"]), self.data_sharding),
-        mesh=self.mesh, metric=self.config.evals.metric)
+        self._real_queries(embeddings["query"]), self.query_labels, embeddings["gallery"],
+        self.gallery_labels, self.gallery_valid, mesh=self.mesh, metric=self.config.evals.metric)
     ranks = np.asarray(ranks.addressable_data(0))
     recalls = {int(k): float(np.mean(ranks < int(k))) for k in self.config.evals.ks}
     return recalls, embeddings
