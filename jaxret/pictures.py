@@ -33,7 +33,7 @@ def plot_curves(rows: Sequence[dict], path: str) -> None:
   ax_recall.set(xlabel="step", ylabel="%", title="Recall@K (query vs gallery)", ylim=(0, 100))
   ax_recall.grid(alpha=0.3)
   fig.tight_layout()
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def plot_retrievals(query_emb: np.ndarray, gallery_emb: np.ndarray, query_index, gallery_index,
@@ -48,18 +48,19 @@ def plot_retrievals(query_emb: np.ndarray, gallery_emb: np.ndarray, query_index,
   fig, axes = plt.subplots(num_queries, top_k + 1, figsize=(1.6 * (top_k + 1), 1.75 * num_queries),
                            squeeze=False)
   for r, (query, neighbours) in enumerate(zip(rows, nearest)):
-    _show(axes[r, 0], input_pipeline.load_thumbnail(query_source, query, thumbnail), "query", (0.2, 0.2, 0.2))
+    show_image(axes[r, 0], input_pipeline.load_thumbnail(query_source, query, thumbnail), "query", (0.2, 0.2, 0.2))
     axes[r, 0].set_ylabel(f"item {query_index.item_ids[query]}", fontsize=7)
     for c, g in enumerate(neighbours, start=1):
       correct = gallery_index.item_ids[g] == query_index.item_ids[query]
-      _show(axes[r, c], input_pipeline.load_thumbnail(gallery_source, g, thumbnail),
+      show_image(axes[r, c], input_pipeline.load_thumbnail(gallery_source, g, thumbnail),
             f"{c}: d={distances[r, g]:.2f}", CORRECT_COLOUR if correct else WRONG_COLOUR)
   fig.suptitle("Query and its nearest gallery images (green: same product)", fontsize=10)
   fig.tight_layout()
-  _save(fig, path)
+  save_figure(fig, path)
 
 
-def _show(ax, image: np.ndarray, title: str, colour) -> None:
+def show_image(ax, image: np.ndarray, title: str, colour) -> None:
+  """Shows `image` in `ax` without ticks, titled, framed in `colour` (the verdict of a retrieval)."""
   ax.imshow(image)
   ax.set_title(title, fontsize=7)
   ax.set_xticks([])
@@ -69,7 +70,7 @@ def _show(ax, image: np.ndarray, title: str, colour) -> None:
     spine.set_linewidth(3)
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
   """Writes to a temporary name, then renames: a PNG is never left half-written."""
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=100)

@@ -101,20 +101,20 @@ def plot_results(path: str, queries: list[str], results: list[list[Hit]],
   colours = {"same": pictures.CORRECT_COLOUR, "other": pictures.WRONG_COLOUR, "": (0.6, 0.6, 0.6)}
   for row, (query, hits, (query_thumb, *hit_thumbs)) in enumerate(zip(queries, results, thumbnails)):
     query_item, _ = catalog.labels_from_path(query)
-    pictures._show(axes[row, 0], query_thumb, "query", (0.2, 0.2, 0.2))  # pylint: disable=protected-access
+    pictures.show_image(axes[row, 0], query_thumb, "query", (0.2, 0.2, 0.2))
     axes[row, 0].set_ylabel(os.path.basename(query)[:24], fontsize=7)
     for column in range(1, columns):
       axes[row, column].axis("off")
     for hit, thumb in zip(hits, hit_thumbs):
       axes[row, hit.rank].axis("on")
       title = f"{hit.rank}: d={hit.distance:.3g}\nitem {hit.item_id}"
-      pictures._show(axes[row, hit.rank], thumb, title,  # pylint: disable=protected-access
+      pictures.show_image(axes[row, hit.rank], thumb, title,
                      colours[_verdict(query_item, hit)])
   known = any(catalog.labels_from_path(q)[0] >= 0 for q in queries)
   fig.suptitle("Query photo and its nearest catalogue images" + (" (green: same product)" if known else ""),
                fontsize=10)
   fig.tight_layout()
-  pictures._save(fig, path)  # pylint: disable=protected-access
+  pictures.save_figure(fig, path)
 
 
 def logged_recall(workdir: str, step: int) -> dict[int, float] | None:
