@@ -13,21 +13,9 @@ from jaxret import run_config
 
 
 def get_config(arg=None):
-  config = run_config.base_config()
-  config.input.dataset = "deepfashion_inshop/all"
-  config.input.image_size = 256  # The release's size; the models' strides assume it for 16x16 capsules.
-  config.input.batch_size = 64
-  config.input.images_per_product = 4
-  config.input.num_threads = 16
+  config = run_config.inshop_config()
   config.model.name = "qrccapsnet"
   config.loss.name = "category_quadruplet"
   # Eq. 1 of the paper: margin1 for same-category negatives, margin2 for other-category ones.
   config.loss.category_quadruplet.update(margin1=0.1, margin2=1.0, weight1=0.1, weight2=0.9, squared=True)
-  config.optim.learning_rate = 1e-3
-  config.total_steps = 20_000  # About 50 epochs of the 25,882 training images.
-  config.warmup_steps = 500
-  config.log_every = 50
-  config.eval_every = 2_000
-  config.checkpoint_every = 1_000
-  config.evals.batch_size = 256
   return run_config.finalize(config, arg)

@@ -78,6 +78,24 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def inshop_config() -> ml_collections.ConfigDict:
+  """`base_config()` set up for DeepFashion In-shop at the papers' scale; the configs add model and loss."""
+  config = base_config()
+  config.input.dataset = "deepfashion_inshop/all"
+  config.input.image_size = 256  # The release's size; the models' strides assume it for 16x16 capsules.
+  config.input.batch_size = 64
+  config.input.images_per_product = 4
+  config.input.num_threads = 16
+  config.optim.learning_rate = 1e-3
+  config.total_steps = 20_000  # About 50 epochs of the 25,882 training images.
+  config.warmup_steps = 500
+  config.log_every = 50
+  config.eval_every = 2_000
+  config.checkpoint_every = 1_000
+  config.evals.batch_size = 256
+  return config
+
+
 def parse_arg(arg: str | None) -> set[str]:
   """Comma-separated words after the `:` of `--config path.py:word1,word2`."""
   words = {w.strip() for w in (arg or "").split(",") if w.strip()}
