@@ -52,11 +52,12 @@ def measure(config_name: str, batch_size: int, dim: int, repeats: int) -> dict:
   num_classes = batch_size // IMAGES_PER_CLASS
   labels = rng.permutation(np.repeat(rng.choice(10**6, num_classes, replace=False), IMAGES_PER_CLASS))
   embeddings = rng.normal(size=(batch_size, dim)).astype(np.float32)
-  args = [jax.device_put(embeddings), jax.device_put(labels.astype(np.int32))]
-  if loss_name == "category_quadruplet":
-    args.append(jax.device_put((labels % NUM_CATEGORIES).astype(np.int32)))
-  loss_fn = losses.get_loss(loss_name, **kwargs)
-  step = jax.jit(jax.value_and_grad(loss_fn))
+  batch = {"item_id": labels.astype(np.int32), "category": (labels % NUM_CATEGORIES).astype(np.int32)}
+  args = [jax.device_put(embeddings), jax.device_put(batch)]
+  loss = losses.get_loss(loss_name)
+  options = loss.options_from(kwargs)
+  # The trainer's call of every loss (see jaxret.losses.registry); no loss here owns parameters.
+  step = jax.jit(jax.value_and_grad(lambda emb, labels: loss({}, {"embedding": emb}, labels, options)[0]))
   rss_before = _peak_rss_bytes()
 
   start = time.perf_counter()

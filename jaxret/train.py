@@ -72,10 +72,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def make_loss_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, Mapping[str, jax.Array]], jax.Array]:
   """`loss(embeddings [B, D], batch) -> scalar`: the loss `config.loss.name` with its config section."""
-  fn = losses.get_loss(config.loss.name, **config.loss[config.loss.name])
-  if config.loss.name == "category_quadruplet":
-    return lambda emb, batch: fn(emb, batch["item_id"], batch["category"])
-  return lambda emb, batch: fn(emb, batch["item_id"])
+  loss = losses.get_loss(config.loss.name)
+  options = loss.options_from(config.loss[config.loss.name])
+  return lambda emb, batch: loss({}, {"embedding": emb}, batch, options)[0]
 
 
 def model_from_config(config: ml_collections.ConfigDict):

@@ -378,13 +378,41 @@ def test_bfloat16_embeddings_give_float32():
 def test_get_loss():
   assert set(losses.LOSSES) == {"triplet", "quadruplet", "category_quadruplet", "contrastive"}
   x, labels = pk_batch(1, 3, 3, 4)
-  fn = losses.get_loss("triplet", margin=0.2, mining="batch_all")
+  loss = losses.get_loss("triplet")
+  options = loss.options_from({"margin": 0.2, "mining": "batch_all"})
   want = triplet_oracle(distances_oracle(x, False, "euclidean"), labels, 0.2, "batch_all")
-  assert_close(jax.jit(fn)(x, labels), want)
-  assert losses.get_loss("quadruplet") is losses.quadruplet_loss
+  value, extra = jax.jit(lambda v, y: loss({}, {"embedding": v}, {"item_id": y}, options))(x, labels)
+  assert_close(value, want)
+  assert extra == {}
   assert losses.pairwise_distances is distances_module.pairwise_distances
   with pytest.raises(ValueError, match="Unknown loss 'arcface'"):
     losses.get_loss("arcface")
+
+
+def test_every_loss_is_called_the_same_way():
+  """The trainer's one call: (params, outputs, batch, options) for every registered loss, defaults valid."""
+  x, labels = pk_batch(2, 3, 3, 4)
+  categories = labels % 2
+  batch = {"item_id": labels, "category": categories, "class_index": labels}
+  context = losses.LossContext(num_classes=3, num_categories=2, embedding_dim=4)
+  for name, loss in losses.LOSSES.items():
+    options = loss.options_from({})
+    params = loss.init_params(jax.random.key(0), context, options)
+    value, _ = jax.jit(lambda p, v: loss(p, {"embedding": v}, batch, options))(params, x)
+    assert value.shape == () and np.isfinite(value), name
+
+
+def test_options_are_checked():
+  loss = losses.get_loss("category_quadruplet")
+  problems = loss.problems({"margn1": 0.1, "weight1": -1.0, "squared": "yes", "metric": "l1"})
+  assert any("config.loss.category_quadruplet.margn1 is not an option" in p for p in problems)
+  assert any("config.loss.category_quadruplet.weight1 must be >= 0.0" in p for p in problems)
+  assert any("config.loss.category_quadruplet.squared must be True or False" in p for p in problems)
+  assert any("config.loss.category_quadruplet.metric must be one of" in p for p in problems)
+  assert len(problems) == 4
+  assert loss.problems(loss.defaults()) == []
+  with pytest.raises(ValueError, match="margn1"):
+    loss.options_from({"margn1": 0.1})
 
 
 def test_errors():
@@ -405,6 +433,6 @@ def test_errors():
 
 
 def test_docstring_examples():
-  for module in (losses, distances_module):
+  for module in (losses.triplet, distances_module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

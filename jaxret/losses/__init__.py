@@ -1,0 +1,56 @@
+"""Metric-learning losses, looked up by config name: `get_loss(name)` gives a `Loss` (see `registry`).
+
+Each module holds one method's math as pure functions on `[B, D]` embeddings and `[B]` labels (tested
+against float64 loops over hand-listed tuples) and its `Loss` value; this file lists them by name. See
+docs/losses.md for the equations and references.
+"""
+
+from jaxret.distances import pairwise_distances
+from jaxret.losses import contrastive
+from jaxret.losses import quadruplet
+from jaxret.losses import triplet
+from jaxret.losses.contrastive import contrastive_loss
+from jaxret.losses.quadruplet import adaptive_margins
+from jaxret.losses.quadruplet import category_quadruplet_loss
+from jaxret.losses.quadruplet import quadruplet_loss
+from jaxret.losses.registry import Loss
+from jaxret.losses.registry import LossContext
+from jaxret.losses.registry import Option
+from jaxret.losses.triplet import TRIPLET_MINING
+from jaxret.losses.triplet import triplet_loss
+
+# One line per loss: config name -> its `Loss`.
+LOSSES: dict[str, Loss] = {
+    "triplet": triplet.LOSS,
+    "quadruplet": quadruplet.QUADRUPLET,
+    "category_quadruplet": quadruplet.CATEGORY_QUADRUPLET,
+    "contrastive": contrastive.LOSS,
+}
+assert all(name == loss.name for name, loss in LOSSES.items())
+
+
+def get_loss(name: str) -> Loss:
+  """The loss called `name` in `LOSSES`.
+
+  Raises:
+    ValueError: for an unknown name, listing the known ones.
+  """
+  if name not in LOSSES:
+    raise ValueError(f"Unknown loss {name!r}; use one of {sorted(LOSSES)}.")
+  return LOSSES[name]
+
+
+__all__ = [
+    "LOSSES",
+    "Loss",
+    "LossContext",
+    "Option",
+    "TRIPLET_MINING",
+    "adaptive_margins",
+    "category_quadruplet_loss",
+    "contrastive_loss",
+    "get_loss",
+    "pairwise_distances",
+    "quadruplet_loss",
+    "triplet_loss",
+]
