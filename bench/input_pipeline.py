@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from jaxret import input_pipeline
+from jaxret import samplers
 
 BENCH_CONFIG_NAME = "bench256"
 
@@ -95,7 +96,7 @@ def main() -> None:
     builder = bench_builder(args.data_dir)
   source = input_pipeline.read_split(builder, "train")
   index = input_pipeline.index_split(source)
-  sampler = input_pipeline.PKSampler(index.item_ids, 8, 4, seed=0)
+  sampler = samplers.PKSampler(index.item_ids, 8, 4, seed=0)
   records = np.random.default_rng(0).permutation(len(index))[:args.images]
   jpeg_bytes = float(np.mean([len(source[int(i)]["image"]) for i in records[:100]]))
   input_size = Image.open(io.BytesIO(source[int(records[0])]["image"])).size

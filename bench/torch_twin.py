@@ -157,7 +157,7 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
 
 
 class TrainStep:
-  """One optimisation step of the twin, as `jaxret.train.train_step` does it: forward, loss, backward,
+  """One optimisation step of the twin, as `jaxret.trainer.train_step` does it: forward, loss, backward,
   clip by global norm, AdamW, BatchNorm statistics updated (the model is in training mode).
 
   `compile=True` wraps the model in `torch.compile` (forward and backward; the optimiser stays eager).

@@ -6,7 +6,7 @@ batch is split over them as in the trainer):
   python -m bench.train_step --model rccapsnet --image_size 64 --batch_size 32 --loss triplet --steps 10
   python -m bench.train_step --model rccapsnet --image_size 256 --batch_size 256 --dtype bfloat16 --parts
 
-The step is `jaxret.train.train_step` exactly as the trainer jits it (AdamW, gradient clipping, BatchNorm
+The step is `jaxret.trainer.make_train_step` itself, the step the trainer runs (AdamW, gradient clipping, BatchNorm
 statistics, spatial dropout, the configured loss), on one batch of random images kept on the device, so the
 input pipeline is not part of the time (see bench/input_pipeline.py for that). After `--warmup` steps, the
 time of `--repeats` windows of `--steps` steps each is taken, each window ending with a sync; `step_ms` is the
@@ -36,7 +36,10 @@ import ml_collections
 import numpy as np
 
 from jaxret import run_config
-from jaxret import train
+from jaxret import embedding
+from jaxret import losses
+from jaxret import sharding
+from jaxret import trainer
 from jaxret.models import capsnets
 from jaxret.models import capsule_layers
 
@@ -92,19 +95,19 @@ def bench_config(*, model: str, image_size: int, batch_size: int, num_classes: i
   config.input.image_size = image_size
   config.input.batch_size = batch_size
   config.input.images_per_product = images_per_product
-  run_config.validate(config, device_count=jax.device_count(), model_names=MODELS, loss_names=LOSSES)
+  run_config.validate(config, device_count=jax.device_count())
   return config
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-  """A P x K batch of normal-noise images: `image` `[B, S, S, 3]` float32, `item_id` `[B]`, `category` `[B]`."""
+  """A P x K batch of normal-noise images: `image` `[B, S, S, 3]` float32, `item_id`, `class_index`, `category` `[B]`."""
   rng = np.random.default_rng(seed)
   batch_size, size = config.input.batch_size, config.input.image_size
   products = batch_size // config.input.images_per_product
   item_id = np.repeat(np.arange(products, dtype=np.int32), config.input.images_per_product)
   category = (item_id % config.model.num_classes).astype(np.int32)
   image = rng.standard_normal((batch_size, size, size, 3), dtype=np.float32)
-  return {"image": image, "item_id": item_id, "category": category}
+  return {"image": image, "item_id": item_id, "category": category, "class_index": item_id}
 
 
 def build_train_step(config: ml_collections.ConfigDict):
@@ -113,18 +116,18 @@ def build_train_step(config: ml_collections.ConfigDict):
   Returns:
     `(step_fn, state, batch, model)`: `step_fn(state, batch) -> (state, metrics)` donates `state`.
   """
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  model = train.model_from_config(config)
-  tx = train.make_optimizer(config)
-  size = config.input.image_size
-  state = train.create_state(config, model, tx, jnp.zeros((1, size, size, 3), jnp.float32), replicated)
-  batch = jax.device_put(synthetic_batch(config, config.seed), data_sharding)
-  step_fn = jax.jit(
-      functools.partial(train.train_step, model=model, tx=tx, loss_fn=train.make_loss_fn(config),
-                        seed=config.seed),
-      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
+  mesh = sharding.data_mesh()
+  model = embedding.model_from_config(config)
+  objective = losses.objective_from_config(config.loss)
+  tx = trainer.make_optimizer(config, objective)
+  products = config.input.batch_size // config.input.images_per_product
+  dim = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), jnp.zeros((1, config.input.image_size, config.input.image_size, 3)))[0][0]).shape[-1]
+  context = losses.LossContext(num_classes=products, num_categories=config.model.num_classes, embedding_dim=dim)
+  state = trainer.create_state(config, model, tx, objective, context, sharding.replicated(mesh))
+  batch = jax.device_put(synthetic_batch(config, config.seed), sharding.data_sharding(mesh))
+  # The trainer's own jitted step (`python -m jaxret.train` runs exactly this function).
+  step_fn = trainer.make_train_step(config, mesh, model, tx, objective)
   return step_fn, state, batch, model
 
 
@@ -222,8 +225,8 @@ def time_parts(config: ml_collections.ConfigDict, state, batch, *, warmup: int =
     `{part: {"ms": median wall-clock ms, "cpu_ms": median CPU ms of the process, "flops": XLA FLOPs}}`
     (CPU time is the robust number on a busy CPU machine; on a GPU only `ms` means anything).
   """
-  model = train.model_from_config(config)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  model = embedding.model_from_config(config)
+  variables = state.variables
   images, category = batch["image"], batch["category"]
   dropout_key = jax.random.key(1)
 
@@ -262,25 +265,26 @@ def time_parts(config: ml_collections.ConfigDict, state, batch, *, warmup: int =
   routing_fn = jax.jit(lambda p, u: fwd_bwd(lambda p, u: routed.apply(p, u)[0], p, u))
   class_capsules = jax.jit(lambda p, u: routed.apply(p, u)[0])(routing_params, primary)
 
-  loss_fn = train.make_loss_fn(config)
+  objective = losses.objective_from_config(config.loss)
 
   def loss_of_capsules(v):
     mask = None
     if model.embedding != "all":  # The benchmark uses "all"; other modes mask by the category.
       mask = jax.nn.one_hot(category, model.num_classes, dtype=jnp.float32)
-    return loss_fn(capsnets.capsule_embedding(v, mask), batch)
+    return objective(state.loss_params, {"embedding": capsnets.capsule_embedding(v, mask)}, batch)[0]
 
   loss_grad_fn = jax.jit(jax.value_and_grad(loss_of_capsules))
 
-  tx = train.make_optimizer(config)
-  grads = jax.tree.map(jnp.ones_like, state.params)
+  tx = trainer.make_optimizer(config, objective)
+  trainable = {"model": state.params, "loss": state.loss_params}
+  grads = jax.tree.map(jnp.ones_like, trainable)
   update_fn = jax.jit(lambda g, o, p: tx.update(g, o, p))
 
   parts = {
       "convolutions": (conv_fn, (conv_params, images)),
       "routing": (routing_fn, (routing_params, primary)),
       "loss": (loss_grad_fn, (class_capsules.astype(jnp.float32),)),
-      "optimizer": (update_fn, (grads, state.opt_state, state.params)),
+      "optimizer": (update_fn, (grads, state.opt_state, trainable)),
   }
   results = {}
   for name, (fn, args) in parts.items():

@@ -16,13 +16,12 @@ import time
 from absl import logging
 
 from jaxret import catalog
+from jaxret import embedding
 from jaxret import input_pipeline
 from jaxret import run_config
 
 
 def parse_args(argv):
-  # argparse, not absl flags: jaxret.train (imported for its model and embedding step) already defines
-  # absl's --workdir, and these tools must run beside it in one process (tests, notebooks).
   parser = argparse.ArgumentParser(prog="python -m jaxret.index", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True,
                       help="Training run whose latest checkpoint embeds the images.")
@@ -32,7 +31,7 @@ def parse_args(argv):
   what.add_argument("--split", default=None, help="Split of the run's dataset to index (default: gallery).")
   what.add_argument("--images", default=None, help="Folder of image files to index (searched recursively).")
   parser.add_argument("--collection", default=catalog.DEFAULT_COLLECTION, help="Default: %(default)s.")
-  parser.add_argument("--index", default=None, choices=list(catalog.INDEX_BUILD_PARAMS),
+  parser.add_argument("--index", default=None, choices=list(catalog.milvus.INDEX_BUILD_PARAMS),
                       help="Vector index of a new collection (default FLAT: exact search).")
   parser.add_argument("--overwrite", action="store_true",
                       help="Drop the collection first (to change model or index type).")
@@ -64,7 +63,8 @@ def main(argv=None) -> int:
             f"{args.collection!r} in {shop.uri} now holds {shop.count()} images ({shop.index_type()} index, "
             f"{shop.metric_type} metric, {embedder.dim}-d embeddings of {embedder.config.model.name} at step "
             f"{embedder.step}).")
-  except (catalog.CatalogError, run_config.ConfigError, input_pipeline.DatasetNotPreparedError) as e:
+  except (catalog.CatalogError, embedding.RunError, run_config.ConfigError,
+          input_pipeline.DatasetNotPreparedError) as e:
     # Problems a user can fix: the message, not a traceback.
     print(f"error: {e}", file=sys.stderr)
     return 1

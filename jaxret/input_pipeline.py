@@ -1,12 +1,12 @@
 """Input pipeline: TFDS ArrayRecord splits read with grain into P x K training batches and padded eval batches.
 
 Everything here is a function of the config, the seed and the step, never of how many processes or devices
-read it: the global batch of step s is `pk_batch_records(s)`, each process decodes its contiguous block of
+read it: the global batch of step s is `sampler.batch_records(s)`, each process decodes its contiguous block of
 that batch, and the random augmentation of an image is seeded by (seed, step, position in the global batch).
 A resumed run therefore sees exactly the batches an uninterrupted run would have seen.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import functools
 import io
@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 from tqdm import auto as tqdm
 
 from jaxret import run_config
+from jaxret import samplers
 
 # ImageNet statistics: the published models start from them, and synthetic data does not care.
 MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32)
@@ -117,67 +118,6 @@ def index_split(source, desc: str = "indexing") -> SplitIndex:
   return SplitIndex(np.asarray(item_ids, np.int64), np.asarray(categories, np.int32), np.asarray(names))
 
 
-# eq=False keeps identity hashing, which the per-step caches below need (the fields hold arrays).
-@dataclasses.dataclass(frozen=True, eq=False)
-class PKSampler:
-  """P x K product-balanced batches: P products, K images of each, a pure function of (seed, step).
-
-  Products are visited in a fresh random order every epoch (each product at most once per epoch); the K
-  images of a product are drawn without replacement when it has at least K, else with replacement.
-
-  Attributes:
-    item_ids: `[N]` product id of every record of the training split.
-    products_per_batch: P.
-    images_per_product: K.
-    seed: the run's data seed.
-  """
-  item_ids: np.ndarray
-  products_per_batch: int
-  images_per_product: int
-  seed: int
-
-  def __post_init__(self):
-    products, inverse = np.unique(self.item_ids, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    starts = np.searchsorted(inverse[order], np.arange(len(products)))
-    counts = np.bincount(inverse, minlength=len(products))
-    # Products with a single image give no positive pair; they are not sampled as anchors' products.
-    usable = np.flatnonzero(counts >= 2)
-    if len(usable) < self.products_per_batch:
-      raise run_config.ConfigError(
-          f"config.input.batch_size / config.input.images_per_product asks for {self.products_per_batch} "
-          f"products per batch, but the training split has only {len(usable)} products with at least 2 images; use a smaller batch or a larger dataset.")
-    object.__setattr__(self, "_records_by_product", order)
-    object.__setattr__(self, "_starts", starts)
-    object.__setattr__(self, "_counts", counts)
-    object.__setattr__(self, "_usable", usable)
-
-  @property
-  def batch_size(self) -> int:
-    return self.products_per_batch * self.images_per_product
-
-  @property
-  def steps_per_epoch(self) -> int:
-    return len(self._usable) // self.products_per_batch
-
-  @functools.lru_cache(maxsize=64)
-  def _epoch_order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, 0, epoch]).permutation(self._usable)
-
-  @functools.lru_cache(maxsize=256)
-  def batch_records(self, step: int) -> np.ndarray:
-    """`[P * K]` record indices of the global batch of `step`, product by product."""
-    epoch, chunk = divmod(step, self.steps_per_epoch)
-    products = self._epoch_order(epoch)[chunk * self.products_per_batch:(chunk + 1) * self.products_per_batch]
-    records = []
-    for product in products:
-      rng = np.random.default_rng([self.seed, 1, step, int(product)])
-      count = self._counts[product]
-      picks = rng.choice(count, self.images_per_product, replace=count < self.images_per_product)
-      records.append(self._records_by_product[self._starts[product] + picks])
-    return np.concatenate(records)
-
-
 def decode_image(jpeg: bytes, image_size: int, rng: np.random.Generator | None = None,
                  crop_scale: tuple[float, float] = (0.6, 1.0), color_jitter: float = 0.2) -> np.ndarray:
   """Decodes a JPEG to a normalised `[S, S, 3]` float32 image, with training augmentation when `rng` is given.
@@ -214,7 +154,7 @@ def decode_image(jpeg: bytes, image_size: int, rng: np.random.Generator | None =
   return (pixels - MEAN_RGB) / STDDEV_RGB
 
 
-def train_batches(source, sampler: PKSampler, *, image_size: int, first_step: int, num_steps: int,
+def train_batches(source, sampler: samplers.PKSampler, *, image_size: int, first_step: int, num_steps: int,
                   process_index: int = 0, process_count: int = 1, num_threads: int = 4,
                   prefetch: int = 2, augment: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of the P x K training batches of steps `first_step .. num_steps - 1`.
@@ -231,8 +171,10 @@ def train_batches(source, sampler: PKSampler, *, image_size: int, first_step: in
     augment: keyword arguments of `decode_image` (crop_scale, color_jitter).
 
   Yields:
-    `{"image": [B_local, S, S, 3] float32, "item_id": [B_local] int32, "category": [B_local] int32}`;
-    the process-local blocks, concatenated in process order, form the global batch of the step.
+    `{"image": [B_local, S, S, 3] float32, "item_id": [B_local] int32, "category": [B_local] int32,
+    "class_index": [B_local] int32}` (`class_index`: the product's index among the training products, see
+    `PKSampler.class_indices`); the process-local blocks, concatenated in process order, form the global
+    batch of the step.
   """
   global_batch = sampler.batch_size
   if global_batch % process_count:
@@ -251,7 +193,8 @@ def train_batches(source, sampler: PKSampler, *, image_size: int, first_step: in
     rng = np.random.default_rng([sampler.seed, 2, step, position])
     return {"image": decode_image(record["image"], image_size, rng, **augment),
             "item_id": item_ids[record_index],
-            "category": np.int32(record["category"])}
+            "category": np.int32(record["category"]),
+            "class_index": sampler.class_indices[record_index]}
 
   dataset = grain.MapDataset.range((num_steps - first_step) * local_batch).map(element)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
@@ -311,6 +254,28 @@ def eval_batches(source, index: SplitIndex, *, image_size: int, global_batch: in
              "category": np.int32(-1), "valid": np.bool_(False)}
   return padded_batches(len(index), load, padding, global_batch=global_batch, process_index=process_index,
                         process_count=process_count, num_threads=num_threads)
+
+
+def file_batches(paths: Sequence[str], *, image_size: int, global_batch: int, process_index: int = 0,
+                 process_count: int = 1, num_threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
+  """Image files in order, padded to full global batches, as `eval_batches` does for a split.
+
+  Yields:
+    `{"image": [B_local, S, S, 3] float32, "valid": [B_local] bool}`; `valid` is False on padding and on
+    files that cannot be read as images (their image is zeros).
+  """
+  padding = {"image": np.zeros((image_size, image_size, 3), np.float32), "valid": np.bool_(False)}
+
+  def load(index: int) -> dict[str, np.ndarray]:
+    try:
+      with open(paths[index], "rb") as f:
+        return {"image": decode_image(f.read(), image_size), "valid": np.bool_(True)}
+    except (OSError, ValueError):
+      return padding  # Reported by the caller, which sees valid == False.
+
+  return padded_batches(len(paths), load, padding, global_batch=global_batch,
+                                       process_index=process_index, process_count=process_count,
+                                       num_threads=num_threads)
 
 
 def load_thumbnail(source, record_index: int, size: int) -> np.ndarray:

@@ -8,6 +8,10 @@ once the number of devices is known.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from jaxret import losses
+from jaxret import metrics
+from jaxret import models
+
 SMOKE_ARG = "smoke"
 
 
@@ -46,17 +50,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.stem_features = placeholder(int)
   config.model.residual_features = placeholder(tuple)  # RC and QRC only.
   config.model.conv_features = placeholder(tuple)  # SC only.
-  config.model.dtype = placeholder(str)  # Computation dtype, e.g. bfloat16; parameters stay float32.
+  # Computation dtype (bfloat16, float32, or auto: bfloat16 on GPU/TPU, float32 on CPU, whose bfloat16
+  # convolutions are slow); parameters stay float32.
+  config.model.dtype = placeholder(str)
 
   # Every loss has its own section, so that `--config.loss.name=triplet` switches losses from the command
-  # line; the section of `name` holds that loss's keyword arguments (see jaxret/losses.py).
+  # line; the section of a loss holds its options with their published defaults (jaxret/losses/, and
+  # docs/losses.md) and a `weight` for sums of losses (`config.loss.name = "triplet+capsule_margin"`).
   config.loss = ml_collections.ConfigDict()
-  config.loss.name = "quadruplet"  # triplet, quadruplet, category_quadruplet or contrastive.
-  config.loss.triplet = dict(margin=0.2, mining="batch_hard", squared=False)  # Hermans et al. 2017.
-  config.loss.quadruplet = dict(margin1=0.2, margin2=0.1, squared=False, adaptive_margin=False)  # Chen 2017.
-  config.loss.category_quadruplet = dict(  # QRCCapsNet, Eq. 1 (paper values).
-      margin1=0.1, margin2=1.0, weight1=0.1, weight2=0.9, squared=True)
-  config.loss.contrastive = dict(margin=1.0)  # Hadsell et al. 2006.
+  config.loss.name = "quadruplet"  # A loss of jaxret.losses.LOSSES, or several joined by "+".
+  for name, section in losses.default_sections().items():
+    config.loss[name] = section
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-3  # Peak of the warm-up + cosine schedule (Adam).
@@ -132,10 +136,16 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
   return config
 
 
-def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int = 1,
-             model_names=(), loss_names=()) -> None:
-  """Raises a ValueError naming the field when the config cannot run on `device_count` devices."""
+def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int = 1) -> None:
+  """Raises a ConfigError listing every field that cannot run on `device_count` devices, before anything runs."""
   problems = []
+  for field in ("input.image_size", "input.batch_size", "input.images_per_product", "input.num_threads",
+                "evals.batch_size"):
+    section, key = field.split(".")
+    if not isinstance(config[section][key], int) or config[section][key] < 1:
+      problems.append(f"config.{field}={config[section][key]!r} must be a positive integer.")
+  if problems:  # The checks below divide by these.
+    raise ConfigError("Bad config:\n  " + "\n  ".join(problems))
   batch = config.input.batch_size
   k = config.input.images_per_product
   if k < 2:
@@ -152,17 +162,16 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
                       f"{device_count}.")
     elif value % process_count:
       problems.append(f"{field}={value} is not divisible by the {process_count} processes.")
-  if model_names and config.model.name not in model_names:
-    problems.append(f"config.model.name={config.model.name!r} is not a known model; use one of "
-                    f"{sorted(model_names)}.")
-  if loss_names and config.loss.name not in loss_names:
-    problems.append(f"config.loss.name={config.loss.name!r} is not a known loss; use one of {sorted(loss_names)}.")
+  problems.extend(models.config_problems(config.model))
+  problems.extend(losses.config_problems(config.loss))
   for field in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
     if config[field] < 1:
       problems.append(f"config.{field}={config[field]} must be at least 1.")
   if config.optim.learning_rate <= 0:
     problems.append(f"config.optim.learning_rate={config.optim.learning_rate} must be positive.")
-  if any(int(k) < 1 for k in config.evals.ks):
+  if config.evals.metric not in metrics.METRICS:
+    problems.append(f"config.evals.metric={config.evals.metric!r} must be one of {list(metrics.METRICS)}.")
+  if not config.evals.ks or any(int(k) < 1 for k in config.evals.ks):
     problems.append(f"config.evals.ks={tuple(config.evals.ks)} must be positive.")
   if problems:
     raise ConfigError("Bad config:\n  " + "\n  ".join(problems))

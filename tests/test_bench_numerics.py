@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from jaxret import metrics
-from jaxret import train
+from jaxret import embedding
+from jaxret import losses
+from jaxret import trainer
 from jaxret.models import routing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -41,13 +43,13 @@ def small_config(dtype="float32", dropout_rate=0.3):
 
 def loss_and_grads(config, params, batch_stats, batch):
   """Training-mode loss and parameter gradients of `config`'s model, as train_step computes them."""
-  model = train.model_from_config(config)
-  loss_fn = train.make_loss_fn(config)
+  model = embedding.model_from_config(config)
+  objective = losses.objective_from_config(config.loss)
 
   def loss_of(params):
     (embeddings, _), _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
                                      train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
-    return loss_fn(embeddings, batch)
+    return objective({}, {"embedding": embeddings}, batch)[0]
 
   return jax.jit(jax.value_and_grad(loss_of))(params)
 
@@ -62,8 +64,10 @@ def tree_get(tree, path):
 @pytest.fixture(scope="module")
 def float32_setup():
   config = small_config()
-  model = train.model_from_config(config)
-  state = train.create_state(config, model, train.make_optimizer(config), jnp.zeros((1, 32, 32, 3)))
+  model = embedding.model_from_config(config)
+  objective = losses.objective_from_config(config.loss)
+  context = losses.LossContext(num_classes=4, num_categories=5, embedding_dim=5 * 16)
+  state = trainer.create_state(config, model, trainer.make_optimizer(config, objective), objective, context)
   batch = train_step_bench.synthetic_batch(config)
   return config, state, batch
 

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from jaxret import catalog
+from jaxret import embedding
 from jaxret import index
 from jaxret import input_pipeline
 from jaxret import metrics
 from jaxret import search
-from jaxret import train
+from jaxret import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def run(tmp_path_factory):
   """A smoke training run: `(workdir, data_dir)`."""
   data_dir = tmp_path_factory.mktemp("tfds")
   workdir = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(smoke_config(data_dir), str(workdir))
+  trainer.train_and_evaluate(smoke_config(data_dir), str(workdir))
   return str(workdir), str(data_dir)
 
 
@@ -208,11 +209,11 @@ def test_cosine_runs_index_with_the_cosine_metric(run, embedder, splits, tmp_pat
 
 
 def test_missing_checkpoint_is_reported(tmp_path, capsys):
-  with pytest.raises(catalog.CatalogError, match=r"no config.json\). Train a model first"):
+  with pytest.raises(embedding.RunError, match=r"no config.json\). Train a model first"):
     catalog.Embedder(str(tmp_path / "never_trained"))
   (tmp_path / "config.json").write_text("{}")
   (tmp_path / "checkpoints").mkdir()
-  with pytest.raises(catalog.CatalogError, match="no finished checkpoint. Train a model first"):
+  with pytest.raises(embedding.RunError, match="no finished checkpoint. Train a model first"):
     catalog.Embedder(str(tmp_path))
   assert index.main(["--workdir", str(tmp_path / "never_trained"), "--uri", str(tmp_path / "c.db")]) == 1
   assert "python -m jaxret.train" in capsys.readouterr().err
@@ -231,12 +232,12 @@ def test_milvus_lite_lock_is_released_on_close(run, embedder, tmp_path):
   uri = str(tmp_path / "catalog.db")
   first = catalog.Catalog(run[0], uri, embedder=embedder)
   second = catalog.Catalog(run[0], uri, embedder=embedder)  # shares the in-process server
-  assert catalog._lite_folder_locked(uri)  # pylint: disable=protected-access
+  assert catalog.milvus.lite_folder_locked(uri)
   first.close()
-  assert catalog._lite_folder_locked(uri)  # pylint: disable=protected-access
+  assert catalog.milvus.lite_folder_locked(uri)
   second.close()
   # Another process may open it now.
-  assert not catalog._lite_folder_locked(uri)  # pylint: disable=protected-access
+  assert not catalog.milvus.lite_folder_locked(uri)
   # While another process holds it (its flock on LOCK, taken here on a separate open file), opening says so.
   fd = os.open(os.path.join(uri, "LOCK"), os.O_RDWR)
   try:
@@ -296,7 +297,7 @@ def test_labels_from_path_and_stable_keys():
 def test_format_table_columns():
   hits = [catalog.Hit(rank=1, distance=0.5, id=1, item_id=7, category=3, image="a.jpg", source="file"),
           catalog.Hit(rank=2, distance=12.25, id=2, item_id=-1, category=-1, image="b c.jpg", source="file")]
-  lines = search.format_table(hits).splitlines()
+  lines = catalog.report.format_table(hits).splitlines()
   assert lines[0].split() == ["rank", "distance", "item_id", "category", "image"]
   assert lines[1].split() == ["1", "0.5000", "7", "WOMEN/Dresses", "a.jpg"]
   assert lines[2].split() == ["2", "12.2500", "-", "-", "b", "c.jpg"]

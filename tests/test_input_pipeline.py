@@ -8,6 +8,7 @@ import pytest
 
 from jaxret import input_pipeline
 from jaxret import run_config
+from jaxret import samplers
 
 
 def jpeg(colour, size=(40, 30)) -> bytes:
@@ -37,9 +38,9 @@ def make_item_ids(num_products=12, images=(1, 2, 3, 5, 8)):
 
 def test_pk_batches_are_balanced_and_deterministic():
   item_ids = make_item_ids()
-  sampler = input_pipeline.PKSampler(item_ids, products_per_batch=3, images_per_product=4, seed=7)
-  again = input_pipeline.PKSampler(item_ids, products_per_batch=3, images_per_product=4, seed=7)
-  other_seed = input_pipeline.PKSampler(item_ids, products_per_batch=3, images_per_product=4, seed=8)
+  sampler = samplers.PKSampler(item_ids, products_per_batch=3, images_per_product=4, seed=7)
+  again = samplers.PKSampler(item_ids, products_per_batch=3, images_per_product=4, seed=7)
+  other_seed = samplers.PKSampler(item_ids, products_per_batch=3, images_per_product=4, seed=8)
   usable = {p for p in np.unique(item_ids) if np.sum(item_ids == p) >= 2}
   assert sampler.steps_per_epoch == len(usable) // 3
   seen_in_epoch = []
@@ -64,13 +65,13 @@ def test_pk_batches_are_balanced_and_deterministic():
 
 def test_too_few_products_is_a_config_error():
   with pytest.raises(run_config.ConfigError, match="products with at least 2 images"):
-    input_pipeline.PKSampler(np.array([1, 1, 2, 3]), products_per_batch=2, images_per_product=2, seed=0)
+    samplers.PKSampler(np.array([1, 1, 2, 3]), products_per_batch=2, images_per_product=2, seed=0)
 
 
 def test_train_batches_split_over_processes_equal_the_global_batch():
   item_ids = make_item_ids()
   source = fake_split(item_ids)
-  sampler = input_pipeline.PKSampler(item_ids, products_per_batch=2, images_per_product=4, seed=3)
+  sampler = samplers.PKSampler(item_ids, products_per_batch=2, images_per_product=4, seed=3)
   kwargs = dict(image_size=16, num_steps=5, num_threads=2)
   whole = list(input_pipeline.train_batches(source, sampler, first_step=0, **kwargs))
   assert len(whole) == 5

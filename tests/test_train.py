@@ -13,7 +13,7 @@ import pytest
 
 from jaxret import input_pipeline
 from jaxret import run_config
-from jaxret import train
+from jaxret import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.py")
@@ -59,15 +59,15 @@ def data_dir(tmp_path_factory):
 
 def test_smoke_run_in_process_compiles_the_step_once(tmp_path, data_dir, monkeypatch):
   traces = []
-  original = train.train_step
+  original = trainer.train_step
 
   def counting_train_step(*args, **kwargs):
     traces.append(1)  # Runs only while jax traces the step.
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(train, "train_step", counting_train_step)
+  monkeypatch.setattr(trainer, "train_step", counting_train_step)
   config = load_config(DEMO, "smoke", data_dir=str(data_dir))
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = trainer.train_and_evaluate(config, str(tmp_path))
   assert len(traces) == 1
   rows = read_metrics(tmp_path)
   steps_with_loss = [r["step"] for r in rows if "loss" in r]
@@ -124,13 +124,19 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
     ({"input.batch_size": 18}, "config.input.batch_size=18 is not divisible by config.input.images_per_product"),
     ({"input.images_per_product": 1}, "config.input.images_per_product=1 must be at least 2"),
     ({"model.name": "capsnet9000"}, "config.model.name='capsnet9000' is not a known model"),
-    ({"loss.name": "hinge"}, "config.loss.name='hinge' is not a known loss"),
+    ({"loss.name": "hinge"}, "config.loss.name='hinge': use one of"),
+    ({"loss.triplet.margn": 0.1}, "config.loss.triplet.margn is not an option of the triplet loss"),
+    ({"loss.triplet.mining": "hardest"}, "config.loss.triplet.mining must be one of"),
+    ({"evals.metric": "l1"}, "config.evals.metric='l1' must be one of"),
+    ({"evals.batch_size": 0}, "config.evals.batch_size=0 must be a positive integer"),
+    ({"input.image_size": 0}, "config.input.image_size=0 must be a positive integer"),
+    ({"model.embedding": "mean"}, "Unknown embedding 'mean'"),
 ])
 def test_bad_config_stops_before_compiling(tmp_path, overrides, field, monkeypatch):
   monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before the config was checked"))
   config = load_config(DEMO, "smoke", **overrides)
   with pytest.raises(run_config.ConfigError, match=field.replace("(", r"\(").replace("[", r"\[")):
-    train.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))
 
 
 def test_batch_not_divisible_by_devices_names_the_field():
@@ -163,6 +169,6 @@ def test_inshop_config_trains_on_a_prepared_deepfashion_download(tmp_path):
   assert prepare.main(["--manual_dir", str(tmp_path / "download"), "--data_dir", str(data_dir)]) == 0
   config = load_config(REPO / "configs" / "inshop_triplet.py", "smoke", data_dir=str(data_dir))
   assert config.input.dataset == "deepfashion_inshop/all"
-  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert 0 < result["recall@1"] <= result["recall@10"] == 1.0  # 4 products: every query is found in 10
   assert len(read_metrics(tmp_path / "run")) > 3

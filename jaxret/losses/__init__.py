@@ -7,6 +7,7 @@ docs/losses.md for the equations and references.
 
 from jaxret.distances import pairwise_distances
 from jaxret.losses import contrastive
+from jaxret.losses import objective
 from jaxret.losses import quadruplet
 from jaxret.losses import triplet
 from jaxret.losses.contrastive import contrastive_loss
@@ -29,6 +30,21 @@ LOSSES: dict[str, Loss] = {
 assert all(name == loss.name for name, loss in LOSSES.items())
 
 
+def objective_from_config(loss_config) -> objective.Objective:
+  """The objective of `config.loss`: the loss(es) `config.loss.name` with their sections; ValueError if bad."""
+  return objective.Objective.from_config(loss_config, LOSSES)
+
+
+def config_problems(loss_config) -> list[str]:
+  """What is wrong with `config.loss` (unknown names, options or values), one line each naming the field."""
+  return objective.problems(loss_config, LOSSES)
+
+
+def default_sections() -> dict[str, dict]:
+  """`{name: {option: default, ..., "weight": 1.0}}` of every loss: the `config.loss` sections."""
+  return {name: {**loss.defaults(), "weight": objective.WEIGHT.default} for name, loss in LOSSES.items()}
+
+
 def get_loss(name: str) -> Loss:
   """The loss called `name` in `LOSSES`.
 
@@ -47,9 +63,12 @@ __all__ = [
     "Option",
     "TRIPLET_MINING",
     "adaptive_margins",
+    "config_problems",
+    "default_sections",
     "category_quadruplet_loss",
     "contrastive_loss",
     "get_loss",
+    "objective_from_config",
     "pairwise_distances",
     "quadruplet_loss",
     "triplet_loss",

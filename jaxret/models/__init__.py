@@ -8,9 +8,14 @@ The "_tiny" variants have the same layers with a few channels only; they exist t
 CPU demo fast. See docs/models.md.
 """
 
+from collections.abc import Mapping
+import dataclasses
 import functools
+from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from jaxret.models.capsnets import CapsNetEmbedder
 from jaxret.models.capsnets import EMBEDDINGS
@@ -48,5 +53,41 @@ def get_model(name: str, **kwargs) -> nn.Module:
   return _MODELS[name](**kwargs)
 
 
-__all__ = ["MODEL_NAMES", "EMBEDDINGS", "get_model", "CapsNetEmbedder", "SCCapsNet", "RCCapsNet",
+def model_fields(name: str) -> tuple[str, ...]:
+  """The keyword options of the model `name` (the fields of its Flax module)."""
+  factory = _MODELS[name]
+  module = factory.func if isinstance(factory, functools.partial) else factory
+  return tuple(f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name"))
+
+
+def resolve_dtype(dtype: str) -> jnp.dtype:
+  """A computation dtype by name; "auto" is bfloat16 on GPU and TPU, float32 on CPU (slow bf16 convolutions)."""
+  if dtype == "auto":
+    return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
+  return jnp.dtype(dtype)
+
+
+def config_problems(model_config: Mapping[str, Any]) -> list[str]:
+  """What is wrong with `config.model` (unknown name, options or values), one line each naming the field."""
+  name = model_config["name"]
+  if name not in _MODELS:
+    return [f"config.model.name={name!r} is not a known model; use one of {sorted(MODEL_NAMES)}."]
+  fields = model_fields(name)
+  options = {k: v for k, v in model_config.items() if k != "name" and v is not None}
+  problems = [f"config.model.{k}={v!r} is not an option of model {name}; its options are {sorted(fields)}."
+              for k, v in options.items() if k not in fields]
+  if "dtype" in options:
+    try:
+      options["dtype"] = resolve_dtype(options["dtype"])
+    except TypeError:
+      problems.append(f"config.model.dtype={options['dtype']!r} is not a dtype; use float32, bfloat16 or auto.")
+  if not problems:
+    try:
+      get_model(name, **options)
+    except (ValueError, TypeError) as e:
+      problems.append(f"config.model ({name}): {e}")
+  return problems
+
+
+__all__ = ["MODEL_NAMES", "EMBEDDINGS", "config_problems", "get_model", "model_fields", "resolve_dtype", "CapsNetEmbedder", "SCCapsNet", "RCCapsNet",
            "QRCCapsNet", "capsule_embedding"]
