@@ -150,7 +150,27 @@ def test_faiss_first_hit_agrees_with_query_ranks():
   np.testing.assert_array_equal(np.minimum(ranks, 10), first)
 
 
-def test_device_peak_table():
+# A second source for the peak table: units x clock x dense FLOPs per unit per clock, from the chips'
+# architecture documents. Hopper SMs do 1024 dense bf16 FMAs per clock (2048 FLOPs) per tensor-core quad x 2,
+# i.e. 4096 FLOPs/clock/SM in bf16 and half that in TF32; a TPU MXU of 128 x 128 does 2 x 16384 FLOPs/clock.
+HAND_COUNTED_PEAKS = {
+    # device kind: (units, GHz, bf16 FLOPs per unit per clock, TF32/bf16 ratio)
+    "NVIDIA H100 80GB HBM3": (132, 1.830, 4096, 0.5),  # 132 SMs at 1830 MHz boost.
+    "NVIDIA H200": (132, 1.830, 4096, 0.5),  # Same GH100 die and clock as the H100 SXM.
+    "TPU v4": (2 * 4, 1.050, 2 * 128 * 128, 1.0),  # 2 TensorCores x 4 MXUs at 1050 MHz.
+    "TPU v5p": (2 * 4, 1.750, 2 * 128 * 128, 1.0),  # 2 TensorCores x 4 MXUs at 1750 MHz.
+    "TPU v5 lite": (4, 1.500, 2 * 128 * 128, 1.0),  # 1 TensorCore x 4 MXUs at 1500 MHz.
+}
+
+
+@pytest.mark.parametrize("device_kind", sorted(HAND_COUNTED_PEAKS))
+def test_device_peak_table_matches_a_hand_count(device_kind):
+  units, ghz, flops_per_clock, float32_ratio = HAND_COUNTED_PEAKS[device_kind]
+  bfloat16 = units * ghz * 1e9 * flops_per_clock
+  assert train_step_bench.device_peak_flops(device_kind, "bfloat16") == pytest.approx(bfloat16, rel=0.005)
+  assert train_step_bench.device_peak_flops(device_kind, "float32") == pytest.approx(float32_ratio * bfloat16,
+                                                                                    rel=0.005)
+
+
+def test_unknown_device_has_no_peak():
   assert train_step_bench.device_peak_flops("cpu", "float32") is None
-  assert train_step_bench.device_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.4e12)
-  assert train_step_bench.device_peak_flops("NVIDIA H200", "float32") == pytest.approx(494.7e12)

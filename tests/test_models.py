@@ -198,8 +198,24 @@ def test_train_step_compiles_once_and_follows_the_dropout_key():
   assert np.abs(train_embedding(variables, images, key(2)) - first).max() > 1e-4
   train_embedding(variables, random_images(2, 32, 32, seed=1), key(3))
 
-  evaluate = jax.jit(model.apply)
-  np.testing.assert_array_equal(evaluate(variables, images)[0], evaluate(variables, images)[0])
+
+
+def test_inference_embeds_each_image_on_its_own():
+  """In inference mode there is no dropout and BatchNorm uses its running statistics: an image's embedding
+  does not depend on the key, on the other images of the batch, or on the batch size (the catalogue relies
+  on this when it pads queries); in training mode it does."""
+  model = models.get_model("sccapsnet_tiny", dropout_rate=0.5)
+  images = random_images(4, 32, 32)
+  variables = init(model, images)
+  evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False, rngs={"dropout": key(7)})[0])
+  together = evaluate(variables, images)
+  alone = jnp.concatenate([evaluate(variables, images[i:i + 1]) for i in range(4)])
+  np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
+  reordered = evaluate(variables, images[::-1])[::-1]
+  np.testing.assert_allclose(reordered, together, rtol=1e-5, atol=1e-6)
+  (trained, _), _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                                     rngs={"dropout": key(7)}))(variables, images)
+  assert np.abs(trained - together).max() > 1e-3
 
 
 # --- Embedding modes ----------------------------------------------------------------------------------------

@@ -3,15 +3,20 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxret import input_pipeline
+from jaxret import losses
 from jaxret import run_config
 from jaxret import trainer
 
@@ -172,3 +177,46 @@ def test_inshop_config_trains_on_a_prepared_deepfashion_download(tmp_path):
   result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert 0 < result["recall@1"] <= result["recall@10"] == 1.0  # 4 products: every query is found in 10
   assert len(read_metrics(tmp_path / "run")) > 3
+
+
+# A loss that owns a parameter: one learnable centre per training product, pulled towards its embeddings.
+# It exists only here, registered like every other loss, to show that such a loss needs no trainer change.
+def _centre_loss(params, outputs, batch, *, scale):
+  centres = params["centres"][batch["class_index"]]
+  return scale * jnp.mean(jnp.sum(jnp.square(outputs["embedding"] - centres), axis=-1))
+
+
+CENTRE_LOSS = losses.Loss(
+    name="test_centres", apply=_centre_loss,
+    options={"scale": losses.Option(0.1, "Weight."), "lr_multiplier": losses.Option(10.0, "Centre rate.")},
+    init=lambda key, context, **options: {
+        "centres": jax.random.normal(key, (context.num_classes, context.embedding_dim))})
+
+
+def test_a_loss_with_its_own_parameters_trains_checkpoints_and_resumes(tmp_path, data_dir, monkeypatch):
+  monkeypatch.setitem(losses.LOSSES, "test_centres", CENTRE_LOSS)
+  config = load_config(DEMO, "smoke", data_dir=str(data_dir))
+  config.loss.name = "triplet+test_centres"
+  config.loss.test_centres = {"scale": 0.1, "weight": 0.5}
+  trainer.train_and_evaluate(config, str(tmp_path / "reference"))
+
+  def centres(workdir, step):
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "default")
+    return np.asarray(restored["loss_params"]["test_centres"]["centres"])
+
+  reference = tmp_path / "reference"
+  context = losses.LossContext(num_classes=centres(reference, 3).shape[0], num_categories=23,
+                               embedding_dim=centres(reference, 3).shape[1])
+  initial = np.asarray(CENTRE_LOSS.init_params(
+      jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), 1), context, {})["centres"])
+  assert np.abs(centres(reference, 6) - initial).max() > 1e-4  # The centres learned.
+  rows = read_metrics(reference)
+  assert all("loss/triplet" in r and "loss/test_centres" in r for r in rows if "loss" in r)
+
+  # Interrupted after step 3: the rerun restores the centres with the model and ends where the reference did.
+  resumed = tmp_path / "resumed"
+  shutil.copytree(reference, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "6")
+  trainer.train_and_evaluate(config, str(resumed))
+  np.testing.assert_allclose(centres(resumed, 6), centres(reference, 6), rtol=1e-5, atol=1e-6)
+  assert read_metrics(resumed)[-1]["recall@1"] == pytest.approx(rows[-1]["recall@1"])

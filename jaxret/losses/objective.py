@@ -11,14 +11,13 @@ from typing import Any
 
 import jax
 
+from jaxret.losses.registry import LR_MULTIPLIER
 from jaxret.losses.registry import Loss
 from jaxret.losses.registry import LossContext
 from jaxret.losses.registry import Option
 
 # Every loss section has this besides the loss's own options.
 WEIGHT = Option(1.0, "Weight of this loss in the sum `config.loss.name = 'a+b'`.", minimum=0.0)
-# A loss that owns parameters may declare this option: their learning rate is the model's times it.
-LR_MULTIPLIER = "lr_multiplier"
 
 
 def term_names(name: str) -> list[str]:

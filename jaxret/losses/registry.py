@@ -81,6 +81,15 @@ class LossContext:
   embedding_dim: int
 
 
+# An option a loss with parameters may declare: their learning rate is the model's times it. The optimizer
+# reads it (`jaxret.losses.objective`); `apply` and `init` never see it.
+LR_MULTIPLIER = "lr_multiplier"
+
+
+def _math_options(options: Mapping[str, Any]) -> dict[str, Any]:
+  return {key: value for key, value in options.items() if key != LR_MULTIPLIER}
+
+
 @dataclasses.dataclass(frozen=True)
 class Loss:
   """A registered loss (see the module docstring for the calling convention).
@@ -89,7 +98,8 @@ class Loss:
     name: the config name (`config.loss.name`, and the section `config.loss.<name>`).
     apply: `apply(params, outputs, batch, **options) -> scalar` or `(scalar, {name: scalar})`; the dict
       holds extra metrics to log (e.g. each term of a sum).
-    options: the keyword options of `apply` (and `init`) with their defaults.
+    options: the keyword options of `apply` (and `init`) with their defaults, plus `lr_multiplier` for a loss
+      with parameters (read by the optimizer only).
     init: `init(key, context, **options) -> params pytree` for a loss that owns parameters; None otherwise.
     reference: the paper, for the docs.
   """
@@ -126,12 +136,12 @@ class Loss:
 
   def init_params(self, key: jax.Array, context: LossContext, options: Mapping[str, Any]) -> Any:
     """The loss's own parameters (a pytree; `{}` when it has none)."""
-    return {} if self.init is None else self.init(key, context, **options)
+    return {} if self.init is None else self.init(key, context, **_math_options(options))
 
   def __call__(self, params: Any, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                options: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`(scalar loss, {metric name: scalar})` of a batch."""
-    result = self.apply(params, outputs, batch, **options)
+    result = self.apply(params, outputs, batch, **_math_options(options))
     if isinstance(result, tuple):
       return result
     return result, {}
