@@ -301,3 +301,19 @@ def test_format_table_columns():
   assert lines[0].split() == ["rank", "distance", "item_id", "category", "image"]
   assert lines[1].split() == ["1", "0.5000", "7", "WOMEN/Dresses", "a.jpg"]
   assert lines[2].split() == ["2", "12.2500", "-", "-", "b", "c.jpg"]
+
+
+def test_the_catalogue_commands_do_not_import_the_trainer():
+  """`jaxret.search --help` and `jaxret.catalog` stand alone: no training flags, no training code."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ("import runpy, sys\n"
+          "sys.argv = ['jaxret.search', '--help']\n"
+          "try:\n  runpy.run_module('jaxret.search', run_name='__main__')\nexcept SystemExit as e:\n  assert not e.code\n"
+          "import jaxret.catalog, jaxret.index\n"
+          "print(sorted(m for m in sys.modules if m in ('jaxret.train', 'jaxret.trainer')))\n")
+  completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert completed.returncode == 0, completed.stderr
+  assert "--workdir" in completed.stdout
+  assert completed.stdout.strip().endswith("[]")
