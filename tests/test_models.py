@@ -344,3 +344,13 @@ def test_primary_capsules_group_consecutive_channels():
         sq_norm = np.sum(s**2, axis=-1, keepdims=True)
         expected = sq_norm / (1 + sq_norm) * s / np.sqrt(sq_norm)
         np.testing.assert_allclose(capsules[:, (h * 4 + w) * 3 + t], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_only(monkeypatch):
+  assert models.resolve_dtype("auto") == jnp.float32  # The tests run on CPU.
+  for backend, want in (("gpu", jnp.bfloat16), ("tpu", jnp.bfloat16), ("cpu", jnp.float32)):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert models.resolve_dtype("auto") == want
+  assert models.resolve_dtype("bfloat16") == jnp.bfloat16
+  from jaxret import run_config  # pylint: disable=g-import-not-at-top
+  assert run_config.inshop_config().model.dtype == "auto"  # The In-shop configs compute in bf16 on GPU/TPU.
