@@ -7,6 +7,7 @@ device's memory are evaluated the same way on one CPU, a GPU or a TPU slice.
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -16,6 +17,20 @@ from jaxret import metrics
 from jaxret import sharding
 
 SPLITS = ("query", "gallery")
+# Below this `embedding_spread` the embeddings sit on one point (float32 distances are then rounding noise).
+COLLAPSED_SPREAD = 1e-6
+
+
+@jax.jit
+def embedding_spread(embeddings: jax.Array) -> jax.Array:
+  """How spread out `[N, D]` embeddings are: their total variance over their mean squared norm (scalar).
+
+  About 1 for embeddings scattered around the origin, 0 when every embedding is the same point; scale-free,
+  so it says "collapsed" for capsule embeddings far from the origin as well as for normalised ones.
+  """
+  embeddings = embeddings.astype(jnp.float32)
+  variance = jnp.sum(jnp.var(embeddings, axis=0))
+  return variance / (jnp.mean(jnp.sum(jnp.square(embeddings), axis=1)) + 1e-30)
 
 
 class Evaluator:
@@ -57,15 +72,22 @@ class Evaluator:
     """`[N, D]` embeddings of a whole split, in record order, on the host (every process)."""
     return sharding.host_array(self.embed_split_on_device(variables, split))[:len(self.indexes[split])]
 
-  def __call__(self, variables: embedding.Variables) -> tuple[dict[int, float], dict[str, jax.Array]]:
-    """Recall@K of the model's variables, and the padded query and gallery embeddings (device arrays)."""
+  def __call__(self, variables: embedding.Variables) -> tuple[dict[int, float], dict[str, jax.Array], float]:
+    """Evaluates the model's variables.
+
+    Returns:
+      `(recalls, embeddings, spread)`: Recall@K by K; the padded query and gallery embeddings (device
+      arrays); `embedding_spread` of the queries (below `COLLAPSED_SPREAD` the embedding has collapsed).
+    """
     embeddings = {split: self.embed_split_on_device(variables, split) for split in SPLITS}
+    queries = self._real_queries(embeddings["query"])
     ranks = metrics.sharded_query_ranks(
-        self._real_queries(embeddings["query"]), self.query_labels, embeddings["gallery"],
-        self.gallery_labels, self.gallery_valid, mesh=self.mesh, axis_name=sharding.DATA_AXIS,
-        metric=self.config.evals.metric)
+        queries, self.query_labels, embeddings["gallery"], self.gallery_labels, self.gallery_valid,
+        mesh=self.mesh, axis_name=sharding.DATA_AXIS, metric=self.config.evals.metric)
     recalls = metrics.recall_from_ranks(np.asarray(ranks.addressable_data(0)), self.config.evals.ks)
-    return recalls, embeddings
+    if self.config.evals.metric == "cosine":  # Only directions matter: a collapse is one direction for all.
+      queries = queries / (jnp.linalg.norm(queries, axis=1, keepdims=True) + 1e-12)
+    return recalls, embeddings, float(np.asarray(embedding_spread(queries).addressable_data(0)))
 
 
 def recall_table(recalls: Mapping[int, float], name: str) -> str:

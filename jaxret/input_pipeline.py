@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import io
 import os
+import warnings
 
 from absl import logging
 import grain
@@ -31,6 +32,31 @@ _INSHOP_PREPARE_HELP = (
     "  python -m data_prep.deepfashion_inshop --manual_dir DIR --data_dir {data_dir}\n"
     "where DIR holds Img/img.zip and Eval/list_eval_partition.txt; see docs/deepfashion.md. "
     "To try jaxret without it, use configs/demo.py (a synthetic dataset made on first use).")
+
+
+# Images with more pixels than this are refused before they are decoded: a small file can declare a huge image
+# (a "decompression bomb") that would take gigabytes to decode. 50 megapixels is a 8660 x 5770 photo.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def open_image(encoded: bytes) -> Image.Image:
+  """A lazily decoded PIL image of `encoded` bytes, after checking its declared size.
+
+  Raises:
+    ValueError: the bytes are not an image, or it declares more than `MAX_IMAGE_PIXELS` pixels.
+  """
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      image = Image.open(io.BytesIO(encoded))
+  except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise ValueError(f"not a readable image: {e}") from None
+  width, height = image.size
+  if width * height > MAX_IMAGE_PIXELS:
+    raise ValueError(f"the image declares {width} x {height} pixels, more than the limit of "
+                     f"{MAX_IMAGE_PIXELS:,} (input_pipeline.MAX_IMAGE_PIXELS); it is not decoded, to keep "
+                     "memory safe")
+  return image
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -126,12 +152,12 @@ def decode_image(jpeg: bytes, image_size: int, rng: np.random.Generator | None =
   flip, brightness and contrast jitter of relative strength `color_jitter`.
   """
   try:
-    image = Image.open(io.BytesIO(jpeg))
+    image = open_image(jpeg)
     # Let libjpeg decode at a reduced scale when the image is much larger than needed (DCT scaling).
     image.draft("RGB", (image_size, image_size))
     image = image.convert("RGB")
   except (OSError, ValueError) as e:
-    raise ValueError(f"Could not decode an image of the dataset: {e}") from e
+    raise ValueError(f"Could not decode an image: {e}") from e
   width, height = image.size
   if rng is None:
     image = image.resize((image_size, image_size), Image.BILINEAR)

@@ -4,14 +4,20 @@ The command line only: flags, the multi-process start-up and `main`. The trainin
 `jaxret.trainer.train_and_evaluate(config, workdir)`, importable without defining any flag.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from jaxret import checkpointing
+from jaxret import embedding
 from jaxret import input_pipeline
 from jaxret import run_config
+from jaxret import trainer
+from jaxret import workdir
 from jaxret.trainer import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/demo.py.",
@@ -21,6 +27,9 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0 for a multi-process run (jax.distributed); without it, "
     "clusters that JAX detects (Cloud TPU VM slices, SLURM, Open MPI, Kubernetes) are initialised automatically.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+_EXTEND_TOTAL_STEPS = flags.DEFINE_bool(
+    "extend_total_steps", False, "Resume a run with a larger --config.total_steps than it was started with (the "
+    "learning-rate schedule is stretched to the new end); without it a changed total_steps is refused.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 30, "A multi-process run stops with an error when a process has not been heard "
@@ -50,21 +59,50 @@ def initialize_distributed() -> None:
       raise
 
 
+# Problems a user can fix: the message, not a traceback.
+USER_ERRORS = (run_config.ConfigError, input_pipeline.DatasetNotPreparedError, workdir.WorkdirError,
+               checkpointing.CheckpointError, trainer.NonFiniteError, embedding.RunError)
+
+
+def _last_line(text: str) -> str:
+  """The last line of an error text (ml_collections puts a whole traceback in its messages), without the
+  exception's module path."""
+  line = [l for l in str(text).strip().splitlines() if l.strip()][-1].strip()
+  name, _, rest = line.partition(": ")
+  return rest if rest and "." in name and " " not in name else line
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config-file problems (an unknown field or config argument, a value of the
+  wrong type) reported as one `error:` line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, run_config.ConfigError, OSError, KeyError, AttributeError, TypeError, ValueError) as e:
+    where = str(e).splitlines()[0].split(": ")[0] + ": " if isinstance(e, flags.Error) else ""
+    what = "no such field " if isinstance(e, (KeyError, AttributeError)) else ""
+    sys.exit(f"error: {where}{what}{_last_line(e)}\nUsage: python -m jaxret.train --config CONFIG_FILE[:smoke] "
+             "--workdir DIR [--config.FIELD=VALUE ...]; see --help.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every step at INFO; --verbosity=0 shows it.
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  config = _CONFIG.value
+  try:
+    config is None or config["seed"]  # ml_collections reports a config file it could not load only now.
+  except OSError as e:
+    raise SystemExit(f"error: could not load the config file: {_last_line(e)}") from None
+  if config is None or _WORKDIR.value is None:
     raise app.UsageError("Both --config and --workdir are required, e.g.\n"
                          "  python -m jaxret.train --config configs/demo.py --workdir /tmp/jaxret_demo")
   initialize_distributed()
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (run_config.ConfigError, input_pipeline.DatasetNotPreparedError) as e:
-    # Problems a user can fix (bad config, missing dataset): the message, not a traceback.
+    train_and_evaluate(config, _WORKDIR.value, extend_total_steps=_EXTEND_TOTAL_STEPS.value)
+  except USER_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

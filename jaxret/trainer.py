@@ -15,8 +15,8 @@ Outputs in the workdir: `metrics.jsonl` (one JSON object per line: `step`, `loss
 
 from collections.abc import Mapping
 import functools
-import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -30,6 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import auto as tqdm
 
+from jaxret import checkpointing
 from jaxret import embedding
 from jaxret import evaluation
 from jaxret import input_pipeline
@@ -38,6 +39,7 @@ from jaxret import pictures
 from jaxret import run_config
 from jaxret import samplers
 from jaxret import sharding
+from jaxret import workdir as run_dir
 
 
 @flax.struct.dataclass
@@ -120,7 +122,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
     seed: the run's seed.
 
   Returns:
-    The new state and `{"loss", "grad_norm", ...}` scalars (plus the objective's own metrics).
+    The new state and `{"loss", "grad_norm", "finite", ...}` scalars (plus the objective's own metrics);
+    `finite` is False when the loss, the gradients or the new parameters hold a NaN or an inf.
   """
   dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
   loss_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 3), state.step)
@@ -139,7 +142,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
   trainable = optax.apply_updates(trainable, param_updates)
   new_state = state.replace(step=state.step + 1, params=trainable["model"], batch_stats=updates["batch_stats"],
                             loss_params=trainable["loss"], opt_state=opt_state)
-  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **logged}
+  grad_norm = optax.tree.norm(grads)
+  # One cheap reduction over the new parameters: the trainer never saves a state for which this is False.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(trainable))
+  return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **logged}
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model,
@@ -162,46 +168,50 @@ def loss_context(config: ml_collections.ConfigDict, model, builder, train_index)
                             embedding_dim=int(embedding_shape.shape[-1]))
 
 
-class MetricsLog:
-  """`metrics.jsonl`, one JSON object per line; on resume, lines after the restored step are dropped."""
-
-  def __init__(self, path: str, resume_step: int, enabled: bool):
-    self.path = path
-    self.enabled = enabled
-    self.rows = []
-    if os.path.exists(path):
-      with open(path) as f:
-        self.rows = [row for row in map(json.loads, filter(str.strip, f)) if row["step"] <= resume_step]
-      if enabled:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-          f.writelines(json.dumps(row) + "\n" for row in self.rows)
-        os.replace(tmp, path)
-
-  def write(self, row: dict) -> None:
-    row = {k: (float(v) if k != "step" else int(v)) for k, v in row.items()}
-    self.rows.append(row)
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+class NonFiniteError(FloatingPointError):
+  """A step made the parameters, the gradients or the loss non-finite; nothing of it was saved."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def _first_non_finite(pending: list[tuple[int, dict[str, jax.Array]]]) -> tuple[int, dict[str, float]] | None:
+  """The first `(step, metrics)` of `pending` whose step was not finite (one transfer for all of them)."""
+  host = jax.device_get([metrics["finite"] for _, metrics in pending])
+  for (step, metrics), finite in zip(pending, host):
+    if not finite:
+      return step, {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+  return None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       extend_total_steps: bool = False) -> dict[str, float]:
   """Trains (or resumes) the configured model in `workdir` and evaluates it.
+
+  Args:
+    config: the run's config.
+    workdir: the run's folder; rerunning on it resumes the run stored there (a config that would change that
+      run is refused, see `jaxret.workdir`).
+    extend_total_steps: accept a larger `config.total_steps` than the stored run's (the schedule stretches).
 
   Returns:
     The last evaluation: `{"recall@K": value, ..., "loss": last training loss}`.
+
+  Raises:
+    run_config.ConfigError, workdir.WorkdirError, checkpointing.CheckpointError, NonFiniteError,
+    input_pipeline.DatasetNotPreparedError: problems the user can fix, each with what to do; nothing is
+    written before the config and the workdir have been checked.
   """
   device_count = jax.device_count()
   run_config.validate(config, device_count=device_count, process_count=jax.process_count())
   is_chief = jax.process_index() == 0
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  run_dir.check_writable(workdir)
+  if checkpointing.has_checkpoints(workdir) and os.path.exists(os.path.join(workdir, run_dir.CONFIG_FILE)):
+    for note in run_dir.check_resume(workdir, config, extend_total_steps=extend_total_steps):
+      if is_chief:
+        print(f"note: resuming with a changed {note}")
+  if jax.process_count() > 1:  # Every process has checked the workdir before the chief writes to it.
+    multihost_utils.sync_global_devices("workdir checked")
   if is_chief:
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json(indent=2))
-    os.replace(path + ".tmp", path)
+    run_dir.write_config(workdir, config)
 
   # Data. The chief generates a synthetic dataset on first use while the others wait; a process that still
   # does not see it then (a data dir on a disk of its own host) generates its own copy.
@@ -225,30 +235,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(f"Model {config.model.name}: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters; "
           f"{device_count} device(s), global batch {config.input.batch_size}.")
 
-  checkpoints = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-  start_step = 0
-  if checkpoints.latest_step() is not None:
-    start_step = checkpoints.latest_step()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = checkpoints.restore(start_step, args=ocp.args.StandardRestore(abstract))
+  checkpoints = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
+  restored, start_step = checkpoints.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+                                                    is_chief=is_chief)
+  if restored is not None:
+    state = restored
     if is_chief:
       print(f"Resumed from the checkpoint of step {start_step} in {workdir}.")
-  log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step, enabled=is_chief)
+  log = run_dir.MetricsLog(workdir, start_step, enabled=is_chief)
 
   step_fn = make_train_step(config, mesh, model, tx, objective)
   evaluator = evaluation.Evaluator(config, builder, model, mesh)
+  untrained = next((row["recall@1"] for row in log.evaluations() if row["step"] == 0 and "recall@1" in row), None)
 
   def evaluate(step: int) -> tuple[dict[int, float], dict[str, jax.Array]]:
-    recalls, embeddings = evaluator(state.variables)
-    log.write({"step": step, **{f"recall@{k}": v for k, v in recalls.items()}})
+    recalls, embeddings, spread = evaluator(state.variables)
+    log.write({"step": step, **{f"recall@{k}": v for k, v in recalls.items()}, "embedding_spread": spread})
     if is_chief:
       tqdm.tqdm.write(f"step {step}: " + ", ".join(f"R@{k} {100 * v:.1f}" for k, v in recalls.items()))
+      if step > 0 and spread < evaluation.COLLAPSED_SPREAD:
+        tqdm.tqdm.write(f"warning: at step {step} the embeddings have collapsed onto one point (their spread is "
+                        f"{spread:.1e} of their size): distances between them mean nothing. Lower "
+                        f"config.optim.learning_rate (now {config.optim.learning_rate}) or change the loss.")
+      elif step > 0 and untrained is not None and min(recalls) == 1 and recalls[1] < untrained:
+        tqdm.tqdm.write(f"warning: at step {step} R@1 = {100 * recalls[1]:.1f}% is below the untrained "
+                        f"network's {100 * untrained:.1f}%: training is making the embedding worse.")
     return recalls, embeddings
 
   if start_step == 0:
     recalls, _ = evaluate(0)
+    untrained = recalls.get(1)
     if is_chief:
       print(f"Untrained network: R@1 = {100 * recalls[min(recalls)]:.1f}%")
 
@@ -261,34 +277,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        disable=not is_chief, dynamic_ncols=True)
   recalls, embeddings = None, None
   window_start, window_steps = time.perf_counter(), 0
-  for step in range(start_step + 1, config.total_steps + 1):
-    state, step_metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
-    window_steps += 1
-    progress.update(1)
-    if step == start_step + 1:  # Leave compilation out of the images/s of the first window.
-      jax.block_until_ready(step_metrics)
-      window_start, window_steps = time.perf_counter(), 0
-    if step % config.log_every == 0 or step == config.total_steps:
-      host_metrics = jax.device_get(step_metrics)  # The only sync with the device between evaluations.
-      elapsed = time.perf_counter() - window_start
-      images_per_sec = window_steps * config.input.batch_size / max(elapsed, 1e-9)
-      last_loss = float(host_metrics["loss"])
-      if not np.isfinite(last_loss):
-        raise FloatingPointError(f"The loss became {last_loss} at step {step}; lower config.optim.learning_rate "
-                                 f"or check the data. The last checkpoint is kept in {workdir}.")
-      log.write({"step": step, **host_metrics, "images_per_sec": images_per_sec})
-      progress.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_sec:.0f}")
-      window_start, window_steps = time.perf_counter(), 0
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
-      checkpoints.save(step, args=ocp.args.StandardSave(state))
-    if step % config.eval_every == 0 or step == config.total_steps:
-      recalls, embeddings = evaluate(step)
-      window_start, window_steps = time.perf_counter(), 0
-  progress.close()
-  checkpoints.wait_until_finished()
+  pending = []  # (step, metrics) not yet checked for non-finite values: checked before every log and save.
+
+  def check_finite() -> None:
+    bad = _first_non_finite(pending) if pending else None
+    pending.clear()
+    if bad is not None:
+      step, values = bad
+      log.write({"step": step, **values, "note": "non-finite parameters, gradients or loss; not saved"})
+      checkpoints.wait()
+      last = checkpoints.last_saved
+      raise NonFiniteError(
+          f"Step {step} made the parameters, gradients or loss non-finite (loss {values.get('loss')}, "
+          f"grad_norm {values.get('grad_norm')}); lower config.optim.learning_rate (now "
+          f"{config.optim.learning_rate}) or check the data. Nothing of that step was saved"
+          + (f"; the last checkpoint (step {last}) in {checkpoints.directory} is finite." if last is not None
+             else "."))
+
+  with checkpointing.StopSignals() as stop:
+    for step in range(start_step + 1, config.total_steps + 1):
+      state, step_metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
+      pending.append((step, step_metrics))
+      window_steps += 1
+      progress.update(1)
+      if step == start_step + 1:  # Leave compilation out of the images/s of the first window.
+        jax.block_until_ready(step_metrics)
+        window_start, window_steps = time.perf_counter(), 0
+      log_now = step % config.log_every == 0 or step == config.total_steps
+      save_now = step % config.checkpoint_every == 0 or step == config.total_steps
+      # In a multi-process run the processes agree on a stop at log steps (a collective), or through JAX's
+      # preemption service; alone, a signal is honoured after the step it arrived in.
+      stop_now = ((jax.process_count() == 1 or log_now) and stop.agreed_stop()) or checkpoints.reached_preemption(step)
+      if log_now or save_now or stop_now:
+        check_finite()  # The only sync with the device between evaluations, with the metrics below.
+      if log_now:
+        host_metrics = {k: v for k, v in jax.device_get(step_metrics).items() if k != "finite"}
+        elapsed = time.perf_counter() - window_start
+        images_per_sec = window_steps * config.input.batch_size / max(elapsed, 1e-9)
+        log.write({"step": step, **host_metrics, "images_per_sec": images_per_sec})
+        progress.set_postfix(loss=f"{float(host_metrics['loss']):.4f}", img_s=f"{images_per_sec:.0f}")
+        window_start, window_steps = time.perf_counter(), 0
+      if save_now or stop_now:
+        checkpoints.save(step, state)
+      if stop_now:
+        checkpoints.wait()
+        progress.close()
+        what = stop.name or "a preemption notice"
+        if is_chief:
+          print(f"Stopped by {what} after step {step}; its checkpoint is saved in {checkpoints.directory}. "
+                "Rerun the same command to resume.")
+        raise SystemExit(128 + (stop.signal_number or signal.SIGTERM))
+      if step % config.eval_every == 0 or step == config.total_steps:
+        recalls, embeddings = evaluate(step)
+        window_start, window_steps = time.perf_counter(), 0
+    progress.close()
+    checkpoints.wait()
 
   if recalls is None:  # Resumed a finished run: its evaluation is logged already; recompute it for the table.
-    recalls, embeddings = evaluator(state.variables)
+    recalls, embeddings, _ = evaluator(state.variables)
   if is_chief:
     print(evaluation.recall_table(recalls, f"{config.model.name} ({config.loss.name}, step {config.total_steps})"))
     pictures.plot_curves(log.rows, os.path.join(workdir, "curves.png"))
@@ -300,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         os.path.join(workdir, "retrievals.png"), num_queries=config.evals.num_pictures,
         metric=config.evals.metric)
   result = {f"recall@{k}": v for k, v in recalls.items()}
-  loss_rows = [row for row in log.rows if "loss" in row]
+  loss_rows = [row for row in log.rows if row.get("loss") is not None]
   if loss_rows:
     result["loss"] = loss_rows[-1]["loss"]
   return result

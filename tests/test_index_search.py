@@ -317,3 +317,21 @@ def test_the_catalogue_commands_do_not_import_the_trainer():
   assert completed.returncode == 0, completed.stderr
   assert "--workdir" in completed.stdout
   assert completed.stdout.strip().endswith("[]")
+
+
+def test_decompression_bombs_are_skipped(run, embedder, splits, tmp_path, capsys):
+  """A small file that declares a huge image is refused before decoding, like any unreadable file."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  _, gallery_index, gallery_source = splits["gallery"]
+  export_images(gallery_source, gallery_index, range(3), tmp_path / "shop")
+  bomb = tmp_path / "shop" / "bomb.png"
+  Image.new("1", (20_000, 20_000)).save(bomb)  # 400 megapixels in a file of a few kB.
+  assert bomb.stat().st_size < 200_000
+  uri = str(tmp_path / "bombs.db")
+  with catalog.Catalog(run[0], uri, embedder=embedder) as shop:
+    written, unreadable = shop.add_images(tmp_path / "shop")
+    assert (written, unreadable) == (3, [str(bomb)])
+    with pytest.raises(catalog.CatalogError, match="more than the limit"):
+      shop.search(str(bomb))
+  assert index.main(["--workdir", run[0], "--uri", uri, "--images", str(tmp_path / "shop")]) == 0
+  assert f"warning: skipped {bomb}" in capsys.readouterr().err

@@ -64,8 +64,8 @@ def load_image(image) -> np.ndarray:
   if isinstance(image, (str, os.PathLike, bytes)):
     where = f" {os.fspath(image)}" if isinstance(image, (str, os.PathLike)) else ""
     try:
-      return np.asarray(Image.open(io.BytesIO(_encoded(image))).convert("RGB"))
-    except OSError as e:
+      return np.asarray(input_pipeline.open_image(_encoded(image)).convert("RGB"))
+    except (OSError, ValueError) as e:
       raise CatalogError(f"Could not decode the image{where}: {e}") from None
   if isinstance(image, Image.Image):
     return np.asarray(image.convert("RGB"))
