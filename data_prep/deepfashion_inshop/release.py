@@ -26,7 +26,6 @@ read once.
 
 from collections.abc import Collection, Iterable, Sequence
 import dataclasses
-import io
 import os
 import pathlib
 import re
@@ -34,9 +33,9 @@ import zipfile
 import zlib
 
 import numpy as np
-from PIL import Image
 
 from data_prep import inshop_features
+from data_prep.jpeg_check import check_jpeg  # pylint: disable=unused-import  # The builder's image check.
 
 # Files of the release, relative to the manual dir. The first existing candidate wins; the zip comes before
 # an extracted tree so that an interrupted `unzip` beside a complete zip does not hide the zip.
@@ -663,24 +662,3 @@ class ImageArchive:
       except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as e:
         raise ValueError(f"cannot be read from {self._files.images_label}: {e}") from e
     return (self._files.images / image_name).read_bytes()
-
-
-def check_jpeg(data: bytes) -> tuple[int, int]:
-  """Decodes a JPEG fully, so that a truncated or corrupt file is caught; returns `(height, width)`.
-
-  Raises:
-    ValueError: saying why the bytes are not a usable JPEG.
-  """
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      if image.format != "JPEG":
-        raise ValueError(f"is a {image.format} file, not a JPEG")
-      if image.mode not in ("RGB", "L"):
-        # Grayscale is widened to 3 channels on read; CMYK and others would not fit `[H, W, 3]`.
-        raise ValueError(f"is a {image.mode} JPEG; convert it to RGB")
-      image.load()  # Decodes every scan; raises OSError on truncated or corrupt data.
-      return image.height, image.width
-  except Image.UnidentifiedImageError as e:
-    raise ValueError("is not an image file (PIL cannot identify it)") from e
-  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-    raise ValueError(f"is not a readable JPEG ({e})") from e
