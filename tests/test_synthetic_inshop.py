@@ -253,6 +253,15 @@ def test_contact_sheet_has_a_row_per_product_and_a_column_per_view():
   assert sheet.shape[1] == 150 + 3 * (size + 2) + 2
 
 
+def test_c2s_contact_sheet_shows_street_and_shop_rows_with_annotations():
+  config = next(c for c in synthetic_inshop.BUILDER_CONFIGS if c.name == "c2s_tiny")
+  plain = preview.contact_sheet(config, num_products=1, num_views=2, zoom=1)
+  annotated = preview.contact_sheet(config, num_products=1, num_views=2, zoom=1, annotations=True)
+  assert plain.shape == annotated.shape == (2 * (config.image_size + 2) + 2, 150 + 2 * (config.image_size + 2) + 2, 3)
+  boxes = np.all(annotated == (255, 0, 0), axis=-1) & ~np.all(plain == (255, 0, 0), axis=-1)
+  assert boxes[:config.image_size + 2].any() and boxes[config.image_size + 2:].any()  # a box in both rows
+
+
 def test_importing_the_package_registers_the_builder(tmp_path):
   assert tfds.builder_cls("synthetic_inshop") is synthetic_inshop.SyntheticInshop
   builder = tfds.builder("synthetic_inshop/tiny", data_dir=str(tmp_path))
