@@ -158,9 +158,6 @@ BAD_ANNOTATIONS = {
     "item not an object": (_set(["item2"], [1, 2]), f"{_VAL3}: item2: expected an object, found [1, 2]"),
     "category_id out of range": (_set(["item1", "category_id"], 14),
                                  f"{_VAL3}: item1.category_id is 14; expected an integer from 1 to 13"),
-    "category_name disagrees": (_set(["item1", "category_name"], "trousers"),
-                                f"{_VAL3}: item1.category_name \"trousers\" does not match category_id 2 "
-                                "('long sleeve top')"),
     "negative style": (_set(["item2", "style"], -1), f"{_VAL3}: item2.style is -1; expected an integer in [0, 999]"),
     "style a boolean": (_set(["item2", "style"], True), f"{_VAL3}: item2.style is true"),
     "missing bounding box": (_set(["item1", "bounding_box"], _DELETE), f"{_VAL3}: item1.bounding_box is missing"),
@@ -234,6 +231,17 @@ def test_empty_gallery_is_refused(tmp_path):
   fake_deepfashion2.write_release(tmp_path / "manual", validation=users_only)
   with pytest.raises(release.DeepFashion2Error, match=r"gives no garment for split\(s\) gallery"):
     release.validate_release(tmp_path / "manual")
+
+
+def test_a_category_name_that_is_not_its_ids_warns(tmp_path):
+  fake_deepfashion2.write_release(
+      tmp_path / "manual", annotation_bytes=_annotation_of("validation", 3, _set(["item1", "category_name"], "tee")))
+  sources, plan = release.validate_release(tmp_path / "manual")
+  for source in sources.values():
+    source.close()
+  assert any(f"1 garment(s) have a category_name other than their category_id's (e.g. {_VAL3}: item1.category_name "
+             "\"tee\" is not the name of category_id 2 ('long sleeve top')); category_id is what is used." in w
+             for w in plan.warnings), plan.warnings
 
 
 def test_queries_without_a_gallery_match_warn():

@@ -150,13 +150,16 @@ def _short(value) -> str:
   return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_annotation(data: bytes, where: str, problems: list[str]) -> Annotation | None:
+def parse_annotation(data: bytes, where: str, problems: list[str], notes: list[str] | None = None
+                     ) -> Annotation | None:
   """Parses and checks one annotation file; appends its problems (each naming `where` and the JSON key).
 
   Args:
     data: the file's bytes.
     where: how messages name the file, e.g. `train.zip: train/annos/000001.json`.
     problems: where problems are appended.
+    notes: where oddities that do not stop a build are appended (a `category_name` that is not the name of
+      its `category_id`: the id is what is used, and the names could not all be confirmed here).
 
   Returns:
     The annotation, or None when it has problems.
@@ -180,7 +183,7 @@ def parse_annotation(data: bytes, where: str, problems: list[str]) -> Annotation
                     f"integer in [0, {MAX_PAIR_ID}].")
   items = []
   for key in sorted((k for k in root if _ITEM_KEY.fullmatch(k)), key=lambda k: int(k[4:])):
-    item = _parse_item(root[key], f"{where}: {key}", int(key[4:]), problems)
+    item = _parse_item(root[key], f"{where}: {key}", int(key[4:]), problems, notes)
     if item is not None:
       items.append(item)
   if len(problems) > found:
@@ -188,7 +191,7 @@ def parse_annotation(data: bytes, where: str, problems: list[str]) -> Annotation
   return Annotation(source=source, pair_id=pair_id, items=tuple(items))
 
 
-def _parse_item(value, where: str, number: int, problems: list[str]) -> Item | None:
+def _parse_item(value, where: str, number: int, problems: list[str], notes: list[str] | None) -> Item | None:
   """Checks one `item<n>` object of an annotation file."""
   if not isinstance(value, dict):
     problems.append(f"{where}: expected an object, found {_short(value)}.")
@@ -199,9 +202,9 @@ def _parse_item(value, where: str, number: int, problems: list[str]) -> Item | N
     problems.append(f"{where}.category_id is {_short(category_id) if 'category_id' in value else 'missing'}; "
                     f"expected an integer from 1 to {len(CATEGORY_NAMES)}.")
     category_id = None
-  elif "category_name" in value and value["category_name"] != CATEGORY_NAMES[category_id - 1]:
-    problems.append(f"{where}.category_name {_short(value['category_name'])} does not match category_id "
-                    f"{category_id} ({CATEGORY_NAMES[category_id - 1]!r}).")
+  elif "category_name" in value and value["category_name"] != CATEGORY_NAMES[category_id - 1] and notes is not None:
+    notes.append(f"{where}.category_name {_short(value['category_name'])} is not the name of category_id "
+                 f"{category_id} ({CATEGORY_NAMES[category_id - 1]!r})")
   style = value.get("style")
   if not _is_int(style) or not 0 <= style < STYLES_PER_PAIR:
     problems.append(f"{where}.style is {_short(style) if 'style' in value else 'missing'}; expected an integer "
@@ -324,12 +327,13 @@ class SplitSource:
     return (self._root / name).read_bytes()
 
 
-def validate_split(source: SplitSource, problems: list[str]) -> list[ImagePlan]:
+def validate_split(source: SplitSource, problems: list[str], notes: list[str] | None = None) -> list[ImagePlan]:
   """Checks a release folder: every image has an annotation and the reverse, every annotation is valid.
 
   Args:
     source: the folder or zip.
     problems: where problems are appended (file and JSON key named).
+    notes: where oddities that do not stop a build are appended (see `parse_annotation`).
 
   Returns:
     One plan per image that has a valid annotation, by image id.
@@ -361,7 +365,7 @@ def validate_split(source: SplitSource, problems: list[str]) -> list[ImagePlan]:
     except (OSError, ValueError) as e:
       problems.append(f"{where}: {e}.")
       continue
-    annotation = parse_annotation(data, where, problems)
+    annotation = parse_annotation(data, where, problems, notes)
     if annotation is not None:
       plans.append(ImagePlan(image_id=image_id, source=annotation.source, pair_id=annotation.pair_id,
                              num_items=len(annotation.items),
@@ -380,11 +384,12 @@ class BuildPlan:
 
 
 def plan_build(train: Sequence[ImagePlan], validation: Sequence[ImagePlan], *,
-               validation_label: str = "validation.zip") -> BuildPlan:
+               validation_label: str = "validation.zip", notes: Sequence[str] = ()) -> BuildPlan:
   """Splits the release into train, query (validation user images) and gallery (validation shop images).
 
-  Warns (does not refuse) about images without garments and queries whose pair and style no gallery item
-  has: those can never be retrieved (DeepFashion2's evaluation script asserts they do not exist).
+  Warns (does not refuse) about images without garments, queries whose pair and style no gallery item has
+  (those can never be retrieved; DeepFashion2's evaluation script asserts they do not exist) and the `notes`
+  of the annotations.
   """
   images = {"train": tuple(train),
             "query": tuple(p for p in validation if p.source == "user"),
@@ -401,6 +406,9 @@ def plan_build(train: Sequence[ImagePlan], validation: Sequence[ImagePlan], *,
     warnings.append(f"{validation_label}: {len(lonely)} query item(s) have no gallery item of their pair and "
                     f"style, so they cannot be retrieved (e.g. pair_id {p.pair_id} style {s} in "
                     f"{image_name('validation', p.image_id)}).")
+  if notes:
+    warnings.append(f"{len(notes)} garment(s) have a category_name other than their category_id's (e.g. "
+                    f"{notes[0]}); category_id is what is used.")
   return BuildPlan(images=images, warnings=tuple(warnings))
 
 
@@ -423,14 +431,15 @@ def validate_release(manual_dir: str | os.PathLike, *, password: str | None = No
     for split in RELEASE_SPLITS:
       sources[split] = SplitSource(root, split, password=password)
       sources[split].check_readable()
-    problems = []
-    plans = {split: validate_split(source, problems) for split, source in sources.items()}
+    problems, notes = [], []
+    plans = {split: validate_split(source, problems, notes) for split, source in sources.items()}
     if problems:
       raise DeepFashion2Error(format_problems(
           "The DeepFashion2 download", problems,
           "No dataset was written. Fix or re-download the files named above (see docs/deepfashion.md), then "
           "run again."))
-    plan = plan_build(plans["train"], plans["validation"], validation_label=sources["validation"].label)
+    plan = plan_build(plans["train"], plans["validation"], validation_label=sources["validation"].label,
+                      notes=notes)
     empty = [split for split in SPLITS if not plan.num_items(split)]
     if empty:
       raise DeepFashion2Error(
