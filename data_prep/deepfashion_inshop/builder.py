@@ -130,6 +130,7 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
     self._unreadable_images: list[str] = []
     self._files: release.ReleaseFiles | None = None
     self._plan: release.BuildPlan | None = None
+    self._no_attributes = np.zeros(release.NUM_ATTRIBUTES, np.int8)  # what an item without attributes gets
     # Opened once per build: opening the zip parses its directory of 52k entries (about a second).
     self._archive: release.ImageArchive | None = None
 
@@ -180,7 +181,6 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
         [files.label(files.attr_cloth), files.label(files.attr_items)] if plan.has_attributes else None)
     self.info.metadata["attribute_names"] = list(plan.attribute_names)
     self._plan = plan
-    self._no_attributes = np.zeros(release.NUM_ATTRIBUTES, np.int8)
     self._unreadable_images, self._files = [], files
     self._archive = release.ImageArchive(files)
     shards = {}
