@@ -4,7 +4,7 @@
   python bench/build_inshop.py --num_images 2000 --image_size 64 --keep /tmp/inshop_bench
 
 Each fake download has the official layout (Img/img.zip, Eval/list_eval_partition.txt,
-Anno/list_bbox_inshop.txt) and the release's proportions (train 49%, query 27%, gallery 24% of the images;
+Anno/list_bbox_inshop.txt, list_landmarks_inshop.txt, list_attr_cloth.txt, list_attr_items.txt) and the release's proportions (train 49%, query 27%, gallery 24% of the images;
 about 6.6 images per product; 23 categories); at 52,712 images its counts equal the full release's. Images are
 JPEGs of the release's size and about its bytes per image (~27 KB at 256x256), drawn from a pool of 64
 distinct ones. The build runs in a child process, so its CPU time and peak RSS are the builder's alone
@@ -62,7 +62,8 @@ def write_fake_download(root: pathlib.Path, num_images: int, image_size: int) ->
   pool = [fake_inshop.make_jpeg(image_size, image_size, seed) for seed in range(64)]
   images = [fake_inshop.FakeImage(name=name, split=split, jpeg=pool[i % len(pool)], height=image_size,
                                   width=image_size, bbox=(10, 12, image_size - 20, image_size - 8),
-                                  clothes_type=1 + i % 3, pose=1 + i % 6)
+                                  clothes_type=1 + i % 3, pose_type=1 + i % 6,
+                                  landmarks=fake_inshop.fake_landmarks(1 + i % 3, image_size, image_size, i))
             for i, (name, split) in enumerate(fake_rows(num_images))]
   fake_inshop.write_release(root, images)
   return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

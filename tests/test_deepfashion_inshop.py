@@ -35,6 +35,15 @@ def expected_bbox(image):
   return np.array([y1 / image.height, x1 / image.width, y2 / image.height, x2 / image.width], np.float32)
 
 
+def expected_landmarks(image):
+  """`[8, 3]` (visibility, x, y) in image units in the slots of the 8 full-body landmarks; absent: (-1, 0, 0)."""
+  slots = {1: (0, 1, 2, 3, 6, 7), 2: (4, 5, 6, 7), 3: tuple(range(8))}[image.clothes_type]
+  expected = np.array([[-1, 0, 0]] * 8, np.float32)
+  for slot, (visibility, x, y) in zip(slots, image.landmarks, strict=True):
+    expected[slot] = (visibility, x / image.width, y / image.height)
+  return expected
+
+
 def replace_image(images, index, **changes):
   return [dataclasses.replace(im, **changes) if i == index else im for i, im in enumerate(images)]
 
@@ -51,7 +60,7 @@ def test_plan_reads_rows_separated_by_runs_of_spaces():
     assert [r.item_id for r in got] == [im.item_id for im in want]
     assert [r.category for r in got] == [im.category for im in want]
     assert [r.bbox for r in got] == [im.bbox for im in want]
-    assert [(r.clothes_type, r.pose) for r in got] == [(im.clothes_type, im.pose) for im in want]
+    assert [(r.clothes_type, r.pose_type) for r in got] == [(im.clothes_type, im.pose_type) for im in want]
   # Line numbers count the count line and the header.
   first_query = plan.records["query"][0]
   assert first_query.line == 2 + 1 + [im.name for im in IMAGES].index(first_query.image_name)
@@ -61,7 +70,7 @@ def test_plan_reads_rows_separated_by_runs_of_spaces():
 def test_plan_without_bbox_file_leaves_annotations_unknown():
   plan = release.plan_build(fake_inshop.partition_text(IMAGES), {im.name for im in IMAGES}, None)
   assert not plan.has_bbox
-  assert all(r.bbox is None and r.clothes_type == 0 and r.pose == 0
+  assert all(r.bbox is None and r.clothes_type == 0 and r.pose_type == 0
              for records in plan.records.values() for r in records)
 
 
@@ -182,14 +191,167 @@ def test_images_without_a_box_warn_and_stay_unknown(tmp_path):
   bbox = fake_inshop.bbox_text(IMAGES).splitlines()
   del bbox[5]  # No box for the 4th image.
   bbox[0] = str(len(bbox) - 2)
-  fake_inshop.write_release(tmp_path, IMAGES, bbox="\n".join(bbox))
+  fake_inshop.write_release(tmp_path, IMAGES, bbox="\n".join(bbox), landmarks=False)
   _, plan = release.validate_release(tmp_path)
   assert f"has no box for 1 image(s) (e.g. {IMAGES[3].name}" in plan.warnings[-1]
   unboxed = next(r for r in plan.records["train"] if r.image_name == IMAGES[3].name)
-  assert (unboxed.bbox, unboxed.clothes_type, unboxed.pose) == (None, 0, 0)
+  assert (unboxed.bbox, unboxed.clothes_type, unboxed.pose_type) == (None, 0, 0)
   boxed = next(r for r in plan.records["train"] if r.image_name == IMAGES[2].name)
-  assert (boxed.bbox, boxed.clothes_type, boxed.pose) == (
-      IMAGES[2].bbox, IMAGES[2].clothes_type, IMAGES[2].pose)
+  assert (boxed.bbox, boxed.clothes_type, boxed.pose_type) == (
+      IMAGES[2].bbox, IMAGES[2].clothes_type, IMAGES[2].pose_type)
+
+
+def _edit_lines(text: str, edits: dict[int, tuple[str, str]] | None = None, *, count: str | None = None,
+                header: str | None = None) -> str:
+  """`text` with `old -> new` replaced once on the given 1-based lines, and the count or header line replaced."""
+  lines = text.splitlines()
+  for number, (old, new) in (edits or {}).items():
+    assert old in lines[number - 1], (old, lines[number - 1])
+    lines[number - 1] = lines[number - 1].replace(old, new, 1)
+  if count is not None:
+    lines[0] = count
+  if header is not None:
+    lines[1] = header
+  return "\n".join(lines) + "\n"
+
+
+LANDMARKS = fake_inshop.landmarks_text(IMAGES)
+
+
+def _set_fields(text: str, line: int, fields: dict[int, str] | None = None, extra: tuple[str, ...] = (),
+                drop_last: int = 0) -> str:
+  """`text` with fields of one 1-based line replaced (by 0-based index), fields appended or dropped."""
+  lines = text.splitlines()
+  row = lines[line - 1].split()
+  for index, value in (fields or {}).items():
+    row[index] = value
+  row = row[:len(row) - drop_last] + list(extra)
+  lines[line - 1] = "  ".join(row)
+  return "\n".join(lines) + "\n"
+
+
+# Line i + 3 of the annotation files is IMAGES[i]; IMAGES[0] is upper-body (6 landmarks), IMAGES[1] lower (4),
+# IMAGES[2] full body (8). Landmark rows: name, clothes_type, variation_type, then (visibility, x, y) triples.
+BAD_LANDMARKS = {
+    "wrong count line": (lambda: _edit_lines(LANDMARKS, count="13"),
+                         "line 1: says 13 images but the file has 12 rows"),
+    "wrong header": (lambda: _edit_lines(LANDMARKS, header="image_name clothes_type pose_type landmark_1"),
+                     "line 2: expected the header 'image_name clothes_type variation_type ...', found "
+                     "'image_name clothes_type pose_type landmark_1'"),
+    "not a number": (lambda: _set_fields(LANDMARKS, 3, {5: "x12"}),
+                     "line 3: expected an image name, clothes_type, variation_type and integer landmark triples"),
+    "unknown clothes type": (lambda: _set_fields(LANDMARKS, 3, {1: "4"}),
+                             "line 3: clothes_type 4 is not 1 (upper), 2 (lower) or 3 (full)"),
+    "unknown variation type": (lambda: _set_fields(LANDMARKS, 4, {2: "6"}),
+                               "line 4: variation_type 6 is not between 1 and 5"),
+    "too few landmarks for the type": (
+        lambda: _set_fields(LANDMARKS, 3, drop_last=3),
+        "line 3: clothes_type 1 (upper) has 6 landmarks, so the row needs 21 fields (or 27), found 18"),
+    "lower-body row with 6 landmarks": (
+        lambda: _set_fields(LANDMARKS, 4, extra=("0", "001", "001", "0", "002", "002")),
+        "line 4: clothes_type 2 (lower) has 4 landmarks, so the row needs 15 fields (or 27), found 21"),
+    "bad visibility": (lambda: _set_fields(LANDMARKS, 5, {6: "7"}),
+                       "line 5: landmark 2 has visibility 7; expected 0 (visible), 1 (occluded) or 2 (truncated)"),
+    "negative coordinate": (lambda: _set_fields(LANDMARKS, 3, {4: "-4"}),
+                            f"line 3: landmark 1 is at (-4, {IMAGES[0].landmarks[0][2]}); coordinates are "
+                            "pixels >= 0"),
+    "image listed twice": (
+        lambda: _edit_lines(LANDMARKS, count="13") + LANDMARKS.splitlines()[2] + "\n",
+        "line 15: img/WOMEN/Dresses/id_00000002/02_1_front.jpg has two landmark rows (first on line 3)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LANDMARKS)
+def test_bad_landmark_file_names_the_problem(tmp_path, case):
+  make, expected = BAD_LANDMARKS[case]
+  fake_inshop.write_release(tmp_path, IMAGES, landmarks=make())
+  with pytest.raises(release.InshopDownloadError) as error:
+    release.validate_release(tmp_path)
+  assert f"Anno/list_landmarks_inshop.txt {expected}" in str(error.value)
+
+
+def test_landmark_rows_padded_to_eight_are_read_by_clothes_type():
+  """An upper-body row with 8 triples: the first 6 are its landmarks, the padding is not read."""
+  lines = LANDMARKS.splitlines()
+  lines[2] += "  0  000  000  0  000  000"
+  plan = release.plan_build(fake_inshop.partition_text(IMAGES), {im.name for im in IMAGES},
+                            landmarks_text="\n".join(lines))
+  record = plan.records["train"][0]
+  assert record.landmarks == (*IMAGES[0].landmarks[:4], None, None, *IMAGES[0].landmarks[4:])
+  assert plan.has_landmarks and record.clothes_type == 1 and record.pose_type == 0
+
+
+def test_images_without_landmarks_warn_and_clothes_types_that_disagree_warn():
+  # IMAGES[0] full-body in the landmark file, upper-body in the bbox file; no landmarks for IMAGES[3].
+  lines = _set_fields(LANDMARKS, 3, {1: "3"}, extra=("0", "001", "001", "0", "002", "002")).splitlines()
+  del lines[5]
+  lines[0] = str(len(lines) - 2)
+  names = {im.name for im in IMAGES}
+  plan = release.plan_build(fake_inshop.partition_text(IMAGES), names, fake_inshop.bbox_text(IMAGES),
+                            landmarks_text="\n".join(lines))
+  warnings = "\n".join(plan.warnings)
+  assert f"has no landmarks for 1 image(s) (e.g. {IMAGES[3].name}" in warnings
+  assert (f"give different clothes types for 1 image(s) (e.g. {IMAGES[0].name}: "
+          "Anno/list_landmarks_inshop.txt line 3 says 3, the bbox file 1)") in warnings
+  first = plan.records["train"][0]
+  # Slots follow the landmark file's type (full body: the file's order is the slots' order).
+  assert first.clothes_type == 1
+  assert first.landmarks == (*IMAGES[0].landmarks, (0, 1, 1), (0, 2, 2))
+  assert next(r for r in plan.records["train"] if r.image_name == IMAGES[3].name).landmarks is None
+
+
+ATTR_ITEMS = fake_inshop.attr_items_text(IMAGES)
+ATTR_CLOTH = fake_inshop.attr_cloth_text()
+
+BAD_ATTRIBUTES = {
+    "names file without values file": (
+        dict(attr_items=False),
+        "Anno/list_attr_cloth.txt is there but Anno/list_attr_items.txt is not: the attributes need both files"),
+    "values file without names file": (
+        dict(attr_cloth=False),
+        "Anno/list_attr_items.txt is there but Anno/list_attr_cloth.txt is not"),
+    "names count line": (dict(attr_cloth=_edit_lines(ATTR_CLOTH, count="464")),
+                         "Anno/list_attr_cloth.txt line 1: says 464 attributes but the file has 463 rows"),
+    "names header": (dict(attr_cloth=_edit_lines(ATTR_CLOTH, header="name type")),
+                     "Anno/list_attr_cloth.txt line 2: expected the header 'attribute_name ...', found 'name type'"),
+    "not 463 names": (dict(attr_cloth=fake_inshop.attr_cloth_text(fake_inshop.attribute_names()[:400])),
+                      "Anno/list_attr_cloth.txt: lists 400 attributes; the In-shop release has 463"),
+    "values count line": (dict(attr_items=_edit_lines(ATTR_ITEMS, count="5")),
+                          "Anno/list_attr_items.txt line 1: says 5 items but the file has 6 rows"),
+    "values header": (dict(attr_items=_edit_lines(ATTR_ITEMS, header="image_name attribute_labels")),
+                      "Anno/list_attr_items.txt line 2: expected the header 'item_id ...'"),
+    "bad item id": (dict(attr_items=_edit_lines(ATTR_ITEMS, {4: ("id_00000007", "item_7")})),
+                    "Anno/list_attr_items.txt line 4: item_id 'item_7' is not of the form id_XXXXXXXX"),
+    "too few values": (dict(attr_items=_set_fields(ATTR_ITEMS, 3, drop_last=1)),
+                       "Anno/list_attr_items.txt line 3: id_00000002 has 462 attribute values; "
+                       "list_attr_cloth.txt names 463"),
+    "value not in -1, 0, 1": (dict(attr_items=_set_fields(ATTR_ITEMS, 5, {9: "2"})),
+                              "Anno/list_attr_items.txt line 5: attribute value '2' of id_00000011 is not -1, 0 "
+                              "or 1"),
+    "item listed twice": (dict(attr_items=_edit_lines(ATTR_ITEMS, count="7") + ATTR_ITEMS.splitlines()[3] + "\n"),
+                          "Anno/list_attr_items.txt line 9: id_00000007 is listed twice (first on line 4)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ATTRIBUTES)
+def test_bad_attribute_files_name_the_problem(tmp_path, case):
+  files, expected = BAD_ATTRIBUTES[case]
+  fake_inshop.write_release(tmp_path, IMAGES, **files)
+  with pytest.raises(release.InshopDownloadError) as error:
+    release.validate_release(tmp_path)
+  assert expected in str(error.value)
+
+
+def test_items_without_attributes_warn_and_get_none():
+  lines = ATTR_ITEMS.splitlines()
+  del lines[3]  # No attributes for item 7.
+  lines[0] = str(len(lines) - 2)
+  plan = release.plan_build(fake_inshop.partition_text(IMAGES), {im.name for im in IMAGES},
+                            attr_cloth_text=ATTR_CLOTH, attr_items_text="\n".join(lines))
+  assert "Anno/list_attr_items.txt has no attributes for 1 item(s) (e.g. id_00000007)" in plan.warnings[-1]
+  assert 7 not in plan.item_attributes
+  np.testing.assert_array_equal(plan.item_attributes[2], fake_inshop.item_attributes(2))
+  assert plan.attribute_names == tuple(fake_inshop.attribute_names())  # The type number is not in the name.
 
 
 def test_missing_files_and_broken_zip_are_reported(tmp_path):
@@ -230,7 +392,13 @@ def test_build_from_zip_reads_back_everything(tmp_path):
       assert record["item_id"] == image.item_id
       assert record["category"] == inshop_features.CATEGORY_NAMES.index(image.category)
       np.testing.assert_allclose(record["bbox"], expected_bbox(image), rtol=1e-6)
-      assert (record["clothes_type"], record["pose"]) == (image.clothes_type, image.pose)
+      assert (record["clothes_type"], record["pose_type"]) == (image.clothes_type, image.pose_type)
+      assert record["has_bbox"] and record["has_landmarks"] and record["has_attributes"]
+      np.testing.assert_allclose(record["landmarks"], expected_landmarks(image), rtol=1e-6)
+      np.testing.assert_array_equal(record["attributes"], fake_inshop.item_attributes(image.item_id))
+      assert record["attributes"].dtype == np.int8
+  assert builder.info.metadata["attribute_names"] == fake_inshop.attribute_names()
+  assert builder.info.metadata["landmarks_from"] == "Anno/list_landmarks_inshop.txt"
   # What the trainer does: the registered name and a decoded image, grayscale widened to 3 channels.
   decoded = tfds.data_source("deepfashion_inshop/all", data_dir=str(tmp_path / "data"), split="train")
   for i, image in enumerate(im for im in IMAGES if im.split == "train"):
@@ -240,14 +408,20 @@ def test_build_from_zip_reads_back_everything(tmp_path):
 
 @pytest.mark.parametrize("form", ["Img/img", "img"])
 def test_build_from_extracted_tree(tmp_path, form):
-  fake_inshop.write_release(tmp_path / "manual", IMAGES, form=form, bbox=False)
+  fake_inshop.write_release(tmp_path / "manual", IMAGES, form=form, bbox=False, landmarks=False,
+                            attr_cloth=False, attr_items=False)
   builder = build(tmp_path / "manual", tmp_path / "data")
   gallery = raw_records(builder, "gallery")
   assert [r["image"] for r in gallery] == [im.jpeg for im in IMAGES if im.split == "gallery"]
-  # Without the bbox file: the whole image and "unknown" clothes type and pose.
-  assert all(r["clothes_type"] == 0 and r["pose"] == 0 for r in gallery)
+  # Without the annotation files: the same features, marked absent.
+  assert all(r["clothes_type"] == 0 and r["pose_type"] == 0 for r in gallery)
   np.testing.assert_array_equal(np.stack([r["bbox"] for r in gallery]), [[0, 0, 1, 1]] * len(gallery))
+  assert not any(r["has_bbox"] or r["has_landmarks"] or r["has_attributes"] for r in gallery)
+  for r in gallery:
+    np.testing.assert_array_equal(r["landmarks"], [[-1, 0, 0]] * 8)
+    np.testing.assert_array_equal(r["attributes"], np.zeros(463, np.int8))
   assert builder.info.metadata["bbox_from"] is None
+  assert builder.info.metadata["attribute_names"] == []
 
 
 def test_gender_configs_keep_global_labels(tmp_path):
@@ -294,7 +468,7 @@ def test_bad_image_fails_the_build_and_leaves_no_dataset(tmp_path, form, damage,
     build(tmp_path / "manual", tmp_path / "data")
   assert f"{bad.name} (Eval/list_eval_partition.txt line 9) {reason}" in str(error.value)
   config_dir = tmp_path / "data" / "deepfashion_inshop" / "all"
-  assert not config_dir.exists() or not any(config_dir.iterdir())  # No 1.0.0/, no incomplete.* folder.
+  assert not config_dir.exists() or not any(config_dir.iterdir())  # No 2.0.0/, no incomplete.* folder.
   # A rerun after the download is fixed builds normally.
   fake_inshop.write_release(tmp_path / "manual", IMAGES, form=form)
   builder = build(tmp_path / "manual", tmp_path / "data")
@@ -308,7 +482,7 @@ def test_command_builds_and_summarizes(tmp_path, capsys):
   argv = ["--manual_dir", str(tmp_path / "manual"), "--data_dir", str(tmp_path / "data"), "--config", "men"]
   assert cli.main(argv) == 0
   out = capsys.readouterr().out
-  version_dir = tmp_path / "data" / "deepfashion_inshop" / "men" / "1.0.0"
+  version_dir = tmp_path / "data" / "deepfashion_inshop" / "men" / "2.0.0"
   assert f"to {version_dir}" in out
   assert "train         2 images of     1 items in 1 shards" in out
   assert "query         2 images of     2 items in 1 shards" in out
@@ -318,7 +492,7 @@ def test_command_builds_and_summarizes(tmp_path, capsys):
   assert "already in" in capsys.readouterr().out
   assert cli.main(argv + ["--overwrite"]) == 0
   assert f"to {version_dir}" in capsys.readouterr().out
-  assert not [p for p in version_dir.parent.iterdir() if p.name != "1.0.0"]  # The old copy is gone.
+  assert not [p for p in version_dir.parent.iterdir() if p.name != "2.0.0"]  # The old copy is gone.
 
 
 def test_command_reports_a_bad_download_without_traceback(tmp_path, capsys):
@@ -337,7 +511,8 @@ def test_zip_is_read_not_extracted(tmp_path, monkeypatch):
   monkeypatch.setattr(zipfile.ZipFile, "extractall", lambda *a, **k: pytest.fail("extractall called"))
   build(tmp_path / "manual", tmp_path / "data")
   assert sorted(p.name for p in (tmp_path / "manual").rglob("*") if p.is_file()) == [
-      "img.zip", "list_bbox_inshop.txt", "list_eval_partition.txt"]
+      "img.zip", "list_attr_cloth.txt", "list_attr_items.txt", "list_bbox_inshop.txt", "list_eval_partition.txt",
+      "list_landmarks_inshop.txt"]
 
 
 def test_home_in_data_dir_is_expanded(tmp_path, monkeypatch):
@@ -345,6 +520,33 @@ def test_home_in_data_dir_is_expanded(tmp_path, monkeypatch):
   monkeypatch.setenv("HOME", str(tmp_path))
   monkeypatch.chdir(tmp_path)
   build("~/manual", "~/data", config="men")
-  assert (tmp_path / "data" / "deepfashion_inshop" / "men" / "1.0.0" / "dataset_info.json").exists()
+  assert (tmp_path / "data" / "deepfashion_inshop" / "men" / "2.0.0" / "dataset_info.json").exists()
   assert not (tmp_path / "~").exists()
   assert len(tfds.data_source("deepfashion_inshop/men", data_dir="~/data", split="gallery")) == 2
+
+
+def test_old_version_is_refused_with_the_command_that_rebuilds_it(tmp_path, capsys):
+  manual, data = tmp_path / "manual", tmp_path / "data"
+  fake_inshop.write_release(manual, IMAGES)
+  build(manual, data, config="men")
+  config_dir = data / "deepfashion_inshop" / "men"
+  (config_dir / "2.0.0").rename(config_dir / "1.0.0")  # What an older jaxret left (without the new features).
+  with pytest.raises(release.InshopDownloadError) as error:
+    tfds.data_source("deepfashion_inshop/men", data_dir=str(data), split="train")
+  message = str(error.value)
+  assert "deepfashion_inshop/men 2.0.0 is not prepared" in message
+  assert "only version 1.0.0 is there, written by an older jaxret" in message
+  assert f"python -m data_prep.deepfashion_inshop --manual_dir DIR --data_dir {data} --config men" in message
+  # That command builds the new version beside the old one, and says the old one may go.
+  assert cli.main(["--manual_dir", str(manual), "--data_dir", str(data), "--config", "men"]) == 0
+  assert f"Older version(s) 1.0.0 of deepfashion_inshop/men are still in {data}" in capsys.readouterr().out
+  assert len(tfds.data_source("deepfashion_inshop/men", data_dir=str(data), split="gallery")) == 2
+
+
+def test_command_summary_says_which_annotations_are_absent(tmp_path, capsys):
+  fake_inshop.write_release(tmp_path / "manual", IMAGES, landmarks=False, attr_cloth=False, attr_items=False)
+  assert cli.main(["--manual_dir", str(tmp_path / "manual"), "--data_dir", str(tmp_path / "data")]) == 0
+  out = capsys.readouterr().out
+  assert "bbox/clothes_type/pose_type from Anno/list_bbox_inshop.txt" in out
+  assert "landmarks absent (no Anno/list_landmarks_inshop.txt)" in out
+  assert "attributes absent (no Anno/list_attr_cloth.txt and Anno/list_attr_items.txt)" in out

@@ -28,7 +28,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       prog="python -m data_prep.deepfashion_inshop", description=__doc__.splitlines()[0],
       epilog=builder_lib.MANUAL_DOWNLOAD_INSTRUCTIONS, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--manual_dir", required=True,
-                      help="folder holding Img/img.zip and Eval/list_eval_partition.txt (optional Anno/)")
+                      help="folder holding Img/img.zip and Eval/list_eval_partition.txt (and optionally the "
+                           "Anno/ files)")
   parser.add_argument("--data_dir", default=default_data_dir(),
                       help="TFDS data dir to write to (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
   configs = [c.name for c in builder_lib.DeepfashionInshop.BUILDER_CONFIGS]
@@ -49,13 +50,24 @@ def summary(builder: tfds.core.DatasetBuilder, plan: release.BuildPlan, files: r
     items = len({r.item_id for r in selected[split]})
     lines.append(f"  {split:8s} {info.num_examples:6d} images of {items:5d} items in {info.num_shards} "
                  "shards")
-  annotations = (f"from {files.label(files.bbox)}" if files.bbox
-                 else "not annotated (no Anno/list_bbox_inshop.txt)")
-  lines.append(f"  images from {files.images_label}; bbox/clothes_type/pose {annotations}")
+  lines.append(f"  images from {files.images_label}")
+  absent = "absent (no {})".format
+  lines.append("  bbox/clothes_type/pose_type " + (f"from {files.label(files.bbox)}" if files.bbox
+                                                   else absent("Anno/list_bbox_inshop.txt")))
+  lines.append("  landmarks " + (f"from {files.label(files.landmarks)}" if files.landmarks
+                                 else absent("Anno/list_landmarks_inshop.txt")))
+  lines.append("  attributes " + (f"from {files.label(files.attr_items)} ({len(plan.attribute_names)} names "
+                                  f"from {files.label(files.attr_cloth)})" if plan.has_attributes
+                                  else absent("Anno/list_attr_cloth.txt and Anno/list_attr_items.txt")))
   if files.unused_annotations:
     lines.append("  present but not read: " + ", ".join(files.label(p) for p in files.unused_annotations))
   lines.append(f'Read it with: tfds.data_source("{name}", data_dir="{builder.data_dir_root}", split="train") '
                "after `import data_prep.deepfashion_inshop`.")
+  older = [v for v in builder_lib.prepared_versions(builder.data_dir_root, builder.builder_config.name)
+           if v != str(builder.version)]
+  if older:
+    lines.append(f"Older version(s) {', '.join(older)} of {name} are still in {builder.data_dir_root}; jaxret "
+                 "no longer reads them, so they may be deleted.")
   lines += [f"Warning: {w}" for w in plan.warnings]
   return "\n".join(lines)
 

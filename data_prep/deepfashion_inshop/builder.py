@@ -15,8 +15,10 @@ import dataclasses
 import functools
 import math
 import os
+import pathlib
 
 from absl import logging
+import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import auto as tqdm
 
@@ -34,7 +36,10 @@ DeepFashion In-shop sits behind an agreement, so it is downloaded by hand. From 
 
   <manual_dir>/Img/img.zip                   (do not extract it; an extracted Img/img/ or img/ also works)
   <manual_dir>/Eval/list_eval_partition.txt
-  <manual_dir>/Anno/list_bbox_inshop.txt     (optional: fills bbox, clothes_type and pose)
+  <manual_dir>/Anno/list_bbox_inshop.txt       (optional: fills bbox, clothes_type and pose_type)
+  <manual_dir>/Anno/list_landmarks_inshop.txt  (optional: fills landmarks)
+  <manual_dir>/Anno/list_attr_cloth.txt        (optional, with the next: fills attributes)
+  <manual_dir>/Anno/list_attr_items.txt
 
 then run: python -m data_prep.deepfashion_inshop --manual_dir <manual_dir> [--data_dir DIR]
 """
@@ -55,19 +60,38 @@ class InshopConfig(tfds.core.BuilderConfig):
 
 
 def features() -> dict:
-  """The core In-shop features plus the bbox annotation.
+  """The core In-shop features plus the annotations, present or marked absent.
 
   Returns:
-    `inshop_features.core_features()` and: `bbox` (`[4]` float32 `[ymin, xmin, ymax, xmax]` in [0, 1]; the
-    whole image when the release has no box), `clothes_type` and `pose` (labels equal to the codes of
-    `Anno/list_bbox_inshop.txt`; 0 = "unknown" when that file is absent).
+    `inshop_features.core_features()` and `inshop_features.annotation_features(463)`: `bbox`, `has_bbox`,
+    `clothes_type` and `pose_type` (labels equal to the codes of `Anno/list_bbox_inshop.txt`, 0 = "unknown")
+    from the bbox file; `landmarks`, `has_landmarks` from `Anno/list_landmarks_inshop.txt`; `attributes`,
+    `has_attributes` from `Anno/list_attr_items.txt` (names in the metadata's `attribute_names`).
   """
-  return {
-      **inshop_features.core_features(),
-      "bbox": tfds.features.BBoxFeature(),
-      "clothes_type": tfds.features.ClassLabel(names=list(release.CLOTHES_TYPE_NAMES)),
-      "pose": tfds.features.ClassLabel(names=list(release.POSE_NAMES)),
-  }
+  return {**inshop_features.core_features(), **inshop_features.annotation_features(release.NUM_ATTRIBUTES)}
+
+
+def normalized_landmarks(slots: tuple[tuple[int, int, int] | None, ...] | None, height: int, width: int
+                         ) -> np.ndarray:
+  """The 8 slots of `(visibility, x, y)` pixels (None: absent) -> `[8, 3]` float32, x and y in image units."""
+  landmarks = inshop_features.absent_landmarks()
+  for slot, point in enumerate(slots or ()):
+    if point is not None:
+      visibility, x, y = point
+      landmarks[slot] = (visibility, x / width, y / height)
+  return landmarks
+
+
+def prepared_versions(data_dir: str | os.PathLike, config: str) -> list[str]:
+  """Versions of `deepfashion_inshop/<config>` that are fully prepared in `data_dir`, oldest first."""
+  config_dir = pathlib.Path(os.path.expanduser(data_dir)) / DeepfashionInshop.name / config
+  versions = [p.name for p in config_dir.glob("*.*.*") if (p / "dataset_info.json").is_file()]
+  return sorted(versions, key=lambda v: tuple(int(n) if n.isdigit() else -1 for n in v.split(".")))
+
+
+def rebuild_command(data_dir: str | os.PathLike, config: str) -> str:
+  """The command that builds `deepfashion_inshop/<config>` into `data_dir` (DIR: the user's manual dir)."""
+  return f"python -m data_prep.deepfashion_inshop --manual_dir DIR --data_dir {data_dir} --config {config}"
 
 
 def normalized_bbox(bbox: tuple[int, int, int, int] | None, height: int, width: int) -> tfds.features.BBox:
@@ -83,8 +107,11 @@ def normalized_bbox(bbox: tuple[int, int, int, int] | None, height: int, width: 
 class DeepfashionInshop(tfds.core.ShardBasedBuilder):
   """DeepFashion In-shop Clothes Retrieval, read from the manual download; see the module docstring."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: train/query/gallery, original JPEG bytes, bbox/clothes/pose."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release: train/query/gallery, original JPEG bytes, bbox/clothes/pose.",
+      "2.0.0": "Landmarks and attributes; has_bbox/has_landmarks/has_attributes masks; pose renamed pose_type.",
+  }
   BUILDER_CONFIGS = [
       InshopConfig(name="all", description="WOMEN and MEN images.", genders=("WOMEN", "MEN")),
       InshopConfig(name="women", description="WOMEN images only (labels over all 23 categories).",
@@ -102,6 +129,8 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
     super().__init__(file_format=file_format, data_dir=data_dir, **kwargs)
     self._unreadable_images: list[str] = []
     self._files: release.ReleaseFiles | None = None
+    self._plan: release.BuildPlan | None = None
+    self._no_attributes = np.zeros(release.NUM_ATTRIBUTES, np.int8)  # what an item without attributes gets
     # Opened once per build: opening the zip parses its directory of 52k entries (about a second).
     self._archive: release.ImageArchive | None = None
 
@@ -116,12 +145,42 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
         metadata=tfds.core.MetadataDict(),
     )
 
+  def download_and_prepare(self, *, download_config: tfds.download.DownloadConfig | None = None, **kwargs):
+    """See `tfds.core.DatasetBuilder.download_and_prepare`; without a manual dir, only checks it is prepared.
+
+    Raises:
+      InshopDownloadError: not prepared (e.g. only an older version is there) and no manual dir to build from,
+        with the command that builds it; or a problem with the download in the manual dir.
+    """
+    if (download_config is None or not download_config.manual_dir) and not self.is_prepared():
+      raise release.InshopDownloadError(self._not_prepared_message())
+    return super().download_and_prepare(download_config=download_config, **kwargs)
+
+  def as_data_source(self, split=None, **kwargs):
+    """See `tfds.core.DatasetBuilder.as_data_source`; refuses a dataset that is not prepared, saying how."""
+    if not self.is_prepared():
+      raise release.InshopDownloadError(self._not_prepared_message())
+    return super().as_data_source(split=split, **kwargs)
+
+  def _not_prepared_message(self) -> str:
+    old = [v for v in prepared_versions(self.data_dir_root, self.builder_config.name) if v != str(self.version)]
+    why = (f"only version {', '.join(old)} is there, written by an older jaxret (the features have changed)"
+           if old else "it is not there")
+    return (f"{self.name}/{self.builder_config.name} {self.version} is not prepared in {self.data_dir_root}: "
+            f"{why}. Build it with:\n  {rebuild_command(self.data_dir_root, self.builder_config.name)}\n"
+            "where DIR holds the DeepFashion In-shop download (see docs/deepfashion.md).")
+
   def _shard_iterators_per_split(self, dl_manager):
     files, plan = release.validate_release(dl_manager.manual_dir)
     for warning in plan.warnings:
       logging.warning(warning)
     self.info.metadata["images_from"] = files.images_label
     self.info.metadata["bbox_from"] = files.label(files.bbox) if files.bbox else None
+    self.info.metadata["landmarks_from"] = files.label(files.landmarks) if files.landmarks else None
+    self.info.metadata["attributes_from"] = (
+        [files.label(files.attr_cloth), files.label(files.attr_items)] if plan.has_attributes else None)
+    self.info.metadata["attribute_names"] = list(plan.attribute_names)
+    self._plan = plan
     self._unreadable_images, self._files = [], files
     self._archive = release.ImageArchive(files)
     shards = {}
@@ -149,14 +208,20 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
           self._unreadable_images.append(f"{record.image_name} ({partition} line {record.line}) {reason}.")
           continue
         progress.update()
+        attributes = self._plan.item_attributes.get(record.item_id)
         yield record.image_name, {
             "image": jpeg,  # The original bytes: tfds.features.Image stores bytes as given.
             "image_name": record.image_name,
             "item_id": record.item_id,
             "category": record.category,
             "bbox": normalized_bbox(record.bbox, height, width),
+            "has_bbox": record.bbox is not None,
             "clothes_type": record.clothes_type,
-            "pose": record.pose,
+            "pose_type": record.pose_type,
+            "landmarks": normalized_landmarks(record.landmarks, height, width),
+            "has_landmarks": record.landmarks is not None,
+            "attributes": self._no_attributes if attributes is None else attributes,
+            "has_attributes": attributes is not None,
         }
 
   def _download_and_prepare(self, dl_manager, download_config=None):

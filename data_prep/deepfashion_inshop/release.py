@@ -9,6 +9,13 @@ Annotations", CVPR 2016), as downloaded by hand from the DeepFashion page:
                                  then one row per image, fields separated by runs of spaces
   Anno/list_bbox_inshop.txt      optional; line 1: count; line 2:
                                  `image_name clothes_type pose_type x_1 y_1 x_2 y_2`; one row per image
+  Anno/list_landmarks_inshop.txt optional; line 1: count; line 2: `image_name clothes_type variation_type
+                                 landmark_visibility_1 landmark_location_x_1 landmark_location_y_1 ...`;
+                                 one row per image with 6 (upper), 4 (lower) or 8 (full body) landmarks
+  Anno/list_attr_cloth.txt       optional, with the next; line 1: number of attributes (463); line 2:
+                                 header; then one attribute name a row
+  Anno/list_attr_items.txt       line 1: number of items; line 2: header (`item_id ...`); then
+                                 `id_XXXXXXXX` and one value in {-1, 0, 1} per attribute
 
 `validate_release(manual_dir)` finds these files, lists the archive and calls the pure `plan_build`, which
 parses the text files, checks them against the archive listing and returns a `BuildPlan` (what to write,
@@ -19,16 +26,16 @@ read once.
 
 from collections.abc import Collection, Iterable, Sequence
 import dataclasses
-import io
 import os
 import pathlib
 import re
 import zipfile
 import zlib
 
-from PIL import Image
+import numpy as np
 
 from data_prep import inshop_features
+from data_prep.jpeg_check import check_jpeg  # pylint: disable=unused-import  # The builder's image check.
 
 # Files of the release, relative to the manual dir. The first existing candidate wins; the zip comes before
 # an extracted tree so that an interrupted `unzip` beside a complete zip does not hide the zip.
@@ -37,16 +44,27 @@ ZIP_CANDIDATES = ("Img/img.zip", "img.zip")
 # An extracted tree is named by the folder that holds `img/`.
 EXTRACTED_CANDIDATES = ("Img", ".")
 BBOX_CANDIDATES = ("Anno/list_bbox_inshop.txt", "list_bbox_inshop.txt")
-# Annotation files of the release that this builder does not read (yet); reported so users know.
-UNUSED_ANNOTATIONS = ("list_landmarks_inshop.txt", "list_item_inshop.txt", "list_description_inshop.json",
-                      "list_attr_items.txt", "list_attr_cloth.txt")
+LANDMARKS_CANDIDATES = ("Anno/list_landmarks_inshop.txt", "list_landmarks_inshop.txt")
+ATTR_CLOTH_CANDIDATES = ("Anno/list_attr_cloth.txt", "list_attr_cloth.txt")
+ATTR_ITEMS_CANDIDATES = ("Anno/list_attr_items.txt", "list_attr_items.txt")
+# Annotation files of the release that this builder does not read; reported so users know.
+UNUSED_ANNOTATIONS = ("list_item_inshop.txt", "list_description_inshop.json")
 
 PARTITION_HEADER = ("image_name", "item_id", "evaluation_status")
 BBOX_HEADER = ("image_name", "clothes_type", "pose_type", "x_1", "y_1", "x_2", "y_2")
+# Only these leading fields of the other headers are checked: the rest of those header lines could not be
+# confirmed from a copy of the release (see docs/deepfashion.md).
+LANDMARKS_HEADER_START = ("image_name", "clothes_type", "variation_type")
+ATTR_CLOTH_HEADER_START = ("attribute_name",)
+ATTR_ITEMS_HEADER_START = ("item_id",)
 
 # Names of the codes in Anno/list_bbox_inshop.txt; index = the code in the file, 0 = no annotation.
-CLOTHES_TYPE_NAMES = ("unknown", "upper", "lower", "full")
-POSE_NAMES = ("unknown", "frontal", "side", "back", "zoom_out", "zoom_in", "stand_alone")
+CLOTHES_TYPE_NAMES = inshop_features.CLOTHES_TYPE_NAMES
+POSE_TYPE_NAMES = inshop_features.POSE_TYPE_NAMES
+# variation_type of list_landmarks_inshop.txt: 1 normal pose ... 5 large zoom-in.
+NUM_VARIATION_TYPES = 5
+# The release's attribute vocabulary (Anno/list_attr_cloth.txt); the `attributes` feature has this length.
+NUM_ATTRIBUTES = 463
 
 # Counts of the full release (the DeepFashion In-shop benchmark); a download that differs gets a warning.
 REFERENCE_COUNTS = {
@@ -92,9 +110,11 @@ class ImageRecord:
     category: `GENDER/Category`, one of `inshop_features.CATEGORY_NAMES`.
     split: `train`, `query` or `gallery`.
     line: 1-based line of the row in the partition file.
-    bbox: `(x_1, y_1, x_2, y_2)` in pixels, or None without a bbox file.
-    clothes_type: code from the bbox file (1 upper, 2 lower, 3 full), 0 without one.
-    pose: code from the bbox file (1 frontal ... 6 stand-alone), 0 without one.
+    bbox: `(x_1, y_1, x_2, y_2)` in pixels, or None without a box.
+    clothes_type: code from the bbox file (1 upper, 2 lower, 3 full), else from the landmark file, else 0.
+    pose_type: code from the bbox file (1 frontal ... 6 stand-alone), 0 without one.
+    landmarks: the 8 slots of `inshop_features.LANDMARK_NAMES`, each `(visibility, x, y)` in pixels or None
+      (a slot that the garment's clothes type does not have); None without landmarks.
   """
   image_name: str
   item_id: int
@@ -103,7 +123,8 @@ class ImageRecord:
   line: int
   bbox: tuple[int, int, int, int] | None = None
   clothes_type: int = 0
-  pose: int = 0
+  pose_type: int = 0
+  landmarks: tuple[tuple[int, int, int] | None, ...] | None = None
 
   @property
   def gender(self) -> str:
@@ -116,12 +137,22 @@ class BuildPlan:
 
   Attributes:
     records: split name -> records of that split (all genders).
-    has_bbox: whether bbox, clothes type and pose come from an annotation file.
+    has_bbox: whether bbox, clothes type and pose type come from an annotation file.
+    has_landmarks: whether landmarks come from an annotation file.
+    attribute_names: names of the `NUM_ATTRIBUTES` attributes, or () without the attribute files.
+    item_attributes: item id -> `[NUM_ATTRIBUTES]` int8 values (1, -1, 0 unknown); empty without the files.
     warnings: differences from the full release that do not stop a build.
   """
   records: dict[str, tuple[ImageRecord, ...]]
   has_bbox: bool
+  has_landmarks: bool = False
+  attribute_names: tuple[str, ...] = ()
+  item_attributes: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
   warnings: tuple[str, ...] = ()
+
+  @property
+  def has_attributes(self) -> bool:
+    return bool(self.attribute_names)
 
   def select(self, genders: Collection[str]) -> dict[str, tuple[ImageRecord, ...]]:
     """The records of the given genders (`WOMEN`, `MEN`), by split; every split must keep an image."""
@@ -141,22 +172,34 @@ def _data_lines(text: str) -> list[tuple[int, list[str]]]:
 
 
 def _check_count_and_header(lines: list[tuple[int, list[str]]], file_label: str, header: tuple[str, ...],
-                            problems: list[str]) -> list[tuple[int, list[str]]]:
-  """Checks the count line and the header of an annotation file; returns its rows."""
+                            problems: list[str], *, counted: str = "images", header_start_only: bool = False
+                            ) -> list[tuple[int, list[str]]]:
+  """Checks the count line and the header of an annotation file; returns its rows.
+
+  Args:
+    lines: `_data_lines` of the file.
+    file_label: the file's name in messages.
+    header: the expected header fields (with `header_start_only`, its expected first fields).
+    problems: where problems are appended.
+    counted: what the count line counts, for messages.
+    header_start_only: check only the first `len(header)` fields of the header line.
+  """
   if not lines:
     problems.append(f"{file_label}: the file is empty.")
     return []
   (count_line, count_fields), rows = lines[0], lines[2:]
   if len(count_fields) != 1 or not count_fields[0].isdigit():
-    problems.append(f"{file_label} line {count_line}: expected the number of images, "
+    problems.append(f"{file_label} line {count_line}: expected the number of {counted}, "
                     f"found {' '.join(count_fields)!r}.")
   elif int(count_fields[0]) != len(rows):
-    problems.append(f"{file_label} line {count_line}: says {int(count_fields[0])} images but the file has "
+    problems.append(f"{file_label} line {count_line}: says {int(count_fields[0])} {counted} but the file has "
                     f"{len(rows)} rows (a truncated or edited file?).")
-  if len(lines) < 2 or tuple(lines[1][1]) != header:
-    header_line, header_fields = lines[1] if len(lines) > 1 else (count_line + 1, [])
-    problems.append(f"{file_label} line {header_line}: expected the header {' '.join(header)!r}, "
-                    f"found {' '.join(header_fields)!r}.")
+  found = tuple(lines[1][1]) if len(lines) > 1 else ()
+  if (found[:len(header)] if header_start_only else found) != header:
+    header_line = lines[1][0] if len(lines) > 1 else count_line + 1
+    expected = " ".join(header) + (" ..." if header_start_only else "")
+    problems.append(f"{file_label} line {header_line}: expected the header {expected!r}, "
+                    f"found {' '.join(found)!r}.")
   return rows
 
 
@@ -241,8 +284,8 @@ def _parse_bbox(text: str, file_label: str, wanted: Collection[str], problems: l
     if not 1 <= clothes_type < len(CLOTHES_TYPE_NAMES):
       problems.append(f"{where}: clothes_type {clothes_type} is not 1 (upper), 2 (lower) or 3 (full){hint}.")
       row_ok = False
-    if not 1 <= pose < len(POSE_NAMES):
-      problems.append(f"{where}: pose_type {pose} is not between 1 and {len(POSE_NAMES) - 1}{hint}.")
+    if not 1 <= pose < len(POSE_TYPE_NAMES):
+      problems.append(f"{where}: pose_type {pose} is not between 1 and {len(POSE_TYPE_NAMES) - 1}{hint}.")
       row_ok = False
     if x1 > x2 or y1 > y2:
       problems.append(f"{where}: the box ({x1}, {y1}, {x2}, {y2}) has x_1 > x_2 or y_1 > y_2{hint}.")
@@ -253,6 +296,112 @@ def _parse_bbox(text: str, file_label: str, wanted: Collection[str], problems: l
     if row_ok:
       boxes[name] = (line, (x1, y1, x2, y2), clothes_type, pose)
   return boxes
+
+
+def _parse_landmarks(text: str, file_label: str, wanted: Collection[str], problems: list[str]
+                     ) -> dict[str, tuple[int, int, tuple[tuple[int, int, int] | None, ...]]]:
+  """Parses list_landmarks_inshop.txt: image name -> (line, clothes type, the 8 landmark slots).
+
+  A row is `image_name clothes_type variation_type` and one `visibility x y` triple per landmark of its
+  clothes type (6 upper, 4 lower, 8 full body), in the file's order for that type; 8 triples are also
+  accepted for every type (a row padded to the full-body width), of which only the type's first ones are
+  read. The triples are put in the slots of `inshop_features.LANDMARK_NAMES`.
+  """
+  landmarks, hint = {}, " (remove the file to build without landmarks)"
+  slots_of = inshop_features.LANDMARK_SLOTS
+  for line, fields in _check_count_and_header(_data_lines(text), file_label, LANDMARKS_HEADER_START, problems,
+                                              header_start_only=True):
+    where = f"{file_label} line {line}"
+    values = fields[1:]
+    if len(fields) < 3 or not all(_is_int(f) for f in values):
+      problems.append(f"{where}: expected an image name, clothes_type, variation_type and integer landmark "
+                      f"triples, found {' '.join(fields)!r}{hint}.")
+      continue
+    name, (clothes_type, variation, *triples) = fields[0], [int(v) for v in values]
+    if name not in wanted:
+      continue  # Landmarks of an image that the partition file does not list: nothing to attach them to.
+    if clothes_type not in slots_of:
+      problems.append(f"{where}: clothes_type {clothes_type} is not 1 (upper), 2 (lower) or 3 (full){hint}.")
+      continue
+    row_ok = True
+    if not 1 <= variation <= NUM_VARIATION_TYPES:
+      problems.append(f"{where}: variation_type {variation} is not between 1 and {NUM_VARIATION_TYPES}{hint}.")
+      row_ok = False
+    count = len(slots_of[clothes_type])
+    if len(triples) not in (3 * count, 3 * len(inshop_features.LANDMARK_NAMES)):
+      problems.append(f"{where}: clothes_type {clothes_type} ({CLOTHES_TYPE_NAMES[clothes_type]}) has {count} "
+                      f"landmarks, so the row needs {3 + 3 * count} fields (or {3 + 3 * 8}), found "
+                      f"{len(fields)}{hint}.")
+      continue
+    points = [tuple(triples[3 * i:3 * i + 3]) for i in range(count)]
+    for number, (visibility, x, y) in enumerate(points, start=1):
+      if visibility not in (inshop_features.VISIBLE, inshop_features.OCCLUDED, inshop_features.TRUNCATED):
+        problems.append(f"{where}: landmark {number} has visibility {visibility}; expected 0 (visible), "
+                        f"1 (occluded) or 2 (truncated){hint}.")
+        row_ok = False
+      if x < 0 or y < 0:
+        problems.append(f"{where}: landmark {number} is at ({x}, {y}); coordinates are pixels >= 0{hint}.")
+        row_ok = False
+    if name in landmarks:
+      problems.append(f"{where}: {name} has two landmark rows (first on line {landmarks[name][0]}){hint}.")
+      row_ok = False
+    if row_ok:
+      slots: list[tuple[int, int, int] | None] = [None] * len(inshop_features.LANDMARK_NAMES)
+      for slot, point in zip(slots_of[clothes_type], points):
+        slots[slot] = point
+      landmarks[name] = (line, clothes_type, tuple(slots))
+  return landmarks
+
+
+def _is_int(field: str) -> bool:
+  return field.lstrip("-").isdigit()
+
+
+def _parse_attribute_names(text: str, file_label: str, problems: list[str]) -> tuple[str, ...]:
+  """Parses list_attr_cloth.txt: the attribute names, one a row (a trailing type number is dropped)."""
+  lines = _data_lines(text)
+  rows = _check_count_and_header(lines, file_label, ATTR_CLOTH_HEADER_START, problems, counted="attributes",
+                                 header_start_only=True)
+  # DeepFashion's attribute files may end each name with its attribute type (`attribute_name attribute_type`);
+  # names themselves may hold spaces.
+  typed = len(lines) > 1 and len(lines[1][1]) > 1
+  names = tuple(" ".join(fields[:-1] if typed and len(fields) > 1 and fields[-1].isdigit() else fields)
+                for _, fields in rows)
+  if len(names) != NUM_ATTRIBUTES and not problems:
+    problems.append(f"{file_label}: lists {len(names)} attributes; the In-shop release has {NUM_ATTRIBUTES} "
+                    "(the dataset's `attributes` feature has that length). Download the file again, or remove "
+                    "it and list_attr_items.txt to build without attributes.")
+  return names
+
+
+def _parse_item_attributes(text: str, file_label: str, num_attributes: int, wanted_items: Collection[int],
+                           problems: list[str]) -> dict[int, np.ndarray]:
+  """Parses list_attr_items.txt: item id -> `[num_attributes]` int8 values in {-1, 0, 1}."""
+  attributes, first_line_of, hint = {}, {}, " (remove both attribute files to build without attributes)"
+  for line, fields in _check_count_and_header(_data_lines(text), file_label, ATTR_ITEMS_HEADER_START, problems,
+                                              counted="items", header_start_only=True):
+    where = f"{file_label} line {line}"
+    match = _ITEM_ID.fullmatch(fields[0])
+    if match is None:
+      problems.append(f"{where}: item_id {fields[0]!r} is not of the form id_XXXXXXXX{hint}.")
+      continue
+    item = int(match.group(1))
+    values = fields[1:]
+    if len(values) != num_attributes:
+      problems.append(f"{where}: {fields[0]} has {len(values)} attribute values; list_attr_cloth.txt names "
+                      f"{num_attributes}{hint}.")
+      continue
+    bad = next((v for v in values if v not in ("-1", "0", "1")), None)
+    if bad is not None:
+      problems.append(f"{where}: attribute value {bad!r} of {fields[0]} is not -1, 0 or 1{hint}.")
+      continue
+    if item in first_line_of:
+      problems.append(f"{where}: {fields[0]} is listed twice (first on line {first_line_of[item]}){hint}.")
+      continue
+    first_line_of[item] = line
+    if item in wanted_items:
+      attributes[item] = np.array(values, dtype=np.int8)
+  return attributes
 
 
 def _count_warnings(records: Sequence[ImageRecord], file_label: str) -> list[str]:
@@ -284,20 +433,27 @@ def _count_warnings(records: Sequence[ImageRecord], file_label: str) -> list[str
 
 
 def plan_build(partition_text: str, archive_names: Collection[str], bbox_text: str | None = None, *,
-               partition_label: str = PARTITION_CANDIDATES[0], archive_label: str = ZIP_CANDIDATES[0],
-               bbox_label: str = BBOX_CANDIDATES[0]) -> BuildPlan:
+               landmarks_text: str | None = None, attr_cloth_text: str | None = None,
+               attr_items_text: str | None = None, partition_label: str = PARTITION_CANDIDATES[0],
+               archive_label: str = ZIP_CANDIDATES[0], bbox_label: str = BBOX_CANDIDATES[0],
+               landmarks_label: str = LANDMARKS_CANDIDATES[0], attr_cloth_label: str = ATTR_CLOTH_CANDIDATES[0],
+               attr_items_label: str = ATTR_ITEMS_CANDIDATES[0]) -> BuildPlan:
   """Parses and checks the release's text files against the archive listing.
 
   Args:
     partition_text: contents of `Eval/list_eval_partition.txt`.
     archive_names: names of the files in the image archive (`img/WOMEN/...jpg`).
     bbox_text: contents of `Anno/list_bbox_inshop.txt`, or None when it is absent.
-    partition_label: name of the partition file in messages.
-    archive_label: name of the image archive in messages.
-    bbox_label: name of the bbox file in messages.
+    landmarks_text: contents of `Anno/list_landmarks_inshop.txt`, or None.
+    attr_cloth_text: contents of `Anno/list_attr_cloth.txt` (the attribute names), or None.
+    attr_items_text: contents of `Anno/list_attr_items.txt` (the item attributes), or None; it and
+      `attr_cloth_text` come together.
+    partition_label, archive_label, bbox_label, landmarks_label, attr_cloth_label, attr_items_label: names of
+      the files in messages.
 
   Returns:
-    The plan: records by split in file order, and warnings for differences from the full release.
+    The plan: records by split in file order, the annotations, and warnings for differences from the full
+    release.
 
   Raises:
     InshopDownloadError: listing every problem found, each with its file and line.
@@ -306,17 +462,53 @@ def plan_build(partition_text: str, archive_names: Collection[str], bbox_text: s
   records = _parse_partition(partition_text, partition_label, problems)
   _check_train_test_disjoint(records, partition_label, problems)
   _check_archive(records, archive_names, partition_label, archive_label, problems)
+  names = {r.image_name for r in records}
   if bbox_text is not None:
-    boxes = _parse_bbox(bbox_text, bbox_label, {r.image_name for r in records}, problems)
+    boxes = _parse_bbox(bbox_text, bbox_label, names, problems)
     unboxed = [r for r in records if r.image_name not in boxes]
     if unboxed:
       # Not fatal: these images get the "unknown" codes that a build without the file gives every image.
       warnings.append(f"{bbox_label} has no box for {len(unboxed)} image(s) (e.g. {unboxed[0].image_name}, "
-                      f"{partition_label} line {unboxed[0].line}); they get clothes_type and pose 'unknown' "
-                      "and the whole image as bbox.")
+                      f"{partition_label} line {unboxed[0].line}); they get has_bbox False, clothes_type and "
+                      "pose_type 'unknown' and the whole image as bbox.")
     records = [dataclasses.replace(r, bbox=boxes[r.image_name][1], clothes_type=boxes[r.image_name][2],
-                                   pose=boxes[r.image_name][3]) if r.image_name in boxes else r
+                                   pose_type=boxes[r.image_name][3]) if r.image_name in boxes else r
                for r in records]
+  if landmarks_text is not None:
+    landmarks = _parse_landmarks(landmarks_text, landmarks_label, names, problems)
+    missing = [r for r in records if r.image_name not in landmarks]
+    if missing:
+      warnings.append(f"{landmarks_label} has no landmarks for {len(missing)} image(s) (e.g. "
+                      f"{missing[0].image_name}, {partition_label} line {missing[0].line}); they get "
+                      "has_landmarks False.")
+    disagree = [r for r in records if r.image_name in landmarks and r.clothes_type
+                and r.clothes_type != landmarks[r.image_name][1]]
+    if disagree:
+      r = disagree[0]
+      warnings.append(f"{landmarks_label} and {bbox_label} give different clothes types for {len(disagree)} "
+                      f"image(s) (e.g. {r.image_name}: {landmarks_label} line {landmarks[r.image_name][0]} says "
+                      f"{landmarks[r.image_name][1]}, the bbox file {r.clothes_type}); clothes_type is the "
+                      "bbox file's, landmark slots follow the landmark file's.")
+    records = [dataclasses.replace(r, landmarks=landmarks[r.image_name][2],
+                                   clothes_type=r.clothes_type or landmarks[r.image_name][1])
+               if r.image_name in landmarks else r for r in records]
+  attribute_names, item_attributes = (), {}
+  if (attr_cloth_text is None) != (attr_items_text is None):
+    present, absent = ((attr_cloth_label, attr_items_label) if attr_items_text is None
+                       else (attr_items_label, attr_cloth_label))
+    problems.append(f"{present} is there but {absent} is not: the attributes need both files (names and "
+                    "values). Add the missing one, or remove this one to build without attributes.")
+  elif attr_cloth_text is not None:
+    name_problems = []
+    attribute_names = _parse_attribute_names(attr_cloth_text, attr_cloth_label, name_problems)
+    problems += name_problems
+    if not name_problems:
+      item_attributes = _parse_item_attributes(attr_items_text, attr_items_label, len(attribute_names),
+                                               {r.item_id for r in records}, problems)
+      missing = sorted({r.item_id for r in records} - item_attributes.keys())
+      if missing:
+        warnings.append(f"{attr_items_label} has no attributes for {len(missing)} item(s) (e.g. "
+                        f"id_{missing[0]:08d}); their images get has_attributes False.")
   if problems:
     raise InshopDownloadError(format_problems(
         "The DeepFashion In-shop download", problems,
@@ -324,6 +516,9 @@ def plan_build(partition_text: str, archive_names: Collection[str], bbox_text: s
   return BuildPlan(
       records={split: tuple(r for r in records if r.split == split) for split in inshop_features.SPLITS},
       has_bbox=bbox_text is not None,
+      has_landmarks=landmarks_text is not None,
+      attribute_names=attribute_names,
+      item_attributes=item_attributes,
       warnings=tuple(_count_warnings(records, partition_label) + warnings))
 
 
@@ -337,6 +532,9 @@ class ReleaseFiles:
     images: `Img/img.zip`, or the folder that holds the extracted `img/` tree.
     images_are_zip: whether `images` is the zip.
     bbox: `Anno/list_bbox_inshop.txt`, or None.
+    landmarks: `Anno/list_landmarks_inshop.txt`, or None.
+    attr_cloth: `Anno/list_attr_cloth.txt`, or None.
+    attr_items: `Anno/list_attr_items.txt`, or None.
     unused_annotations: other annotation files of the release that are present but not read.
   """
   manual_dir: pathlib.Path
@@ -344,6 +542,9 @@ class ReleaseFiles:
   images: pathlib.Path
   images_are_zip: bool
   bbox: pathlib.Path | None
+  landmarks: pathlib.Path | None = None
+  attr_cloth: pathlib.Path | None = None
+  attr_items: pathlib.Path | None = None
   unused_annotations: tuple[pathlib.Path, ...] = ()
 
   def label(self, path: pathlib.Path) -> str:
@@ -377,7 +578,9 @@ def find_release_files(manual_dir: str | os.PathLike) -> ReleaseFiles:
         "Benchmark (see docs/deepfashion.md).")
   unused = tuple(p for name in UNUSED_ANNOTATIONS for p in (root / "Anno" / name, root / name) if p.is_file())
   return ReleaseFiles(manual_dir=root, partition=partition, images=zip_path or extracted,
-                      images_are_zip=zip_path is not None, bbox=bbox, unused_annotations=unused)
+                      images_are_zip=zip_path is not None, bbox=bbox, landmarks=found(LANDMARKS_CANDIDATES),
+                      attr_cloth=found(ATTR_CLOTH_CANDIDATES), attr_items=found(ATTR_ITEMS_CANDIDATES),
+                      unused_annotations=unused)
 
 
 def list_archive(files: ReleaseFiles) -> set[str]:
@@ -413,13 +616,21 @@ def validate_release(manual_dir: str | os.PathLike) -> tuple[ReleaseFiles, Build
     InshopDownloadError: with every problem found, each with its file and line.
   """
   files = find_release_files(manual_dir)
+  text = lambda path: _read_text(path, files.label(path)) if path else None  # noqa: E731
+  label = lambda path, candidates: files.label(path) if path else candidates[0]  # noqa: E731
   plan = plan_build(
-      _read_text(files.partition, files.label(files.partition)),
+      text(files.partition),
       list_archive(files),
-      _read_text(files.bbox, files.label(files.bbox)) if files.bbox else None,
+      text(files.bbox),
+      landmarks_text=text(files.landmarks),
+      attr_cloth_text=text(files.attr_cloth),
+      attr_items_text=text(files.attr_items),
       partition_label=files.label(files.partition),
       archive_label=files.images_label,
-      bbox_label=files.label(files.bbox) if files.bbox else BBOX_CANDIDATES[0])
+      bbox_label=label(files.bbox, BBOX_CANDIDATES),
+      landmarks_label=label(files.landmarks, LANDMARKS_CANDIDATES),
+      attr_cloth_label=label(files.attr_cloth, ATTR_CLOTH_CANDIDATES),
+      attr_items_label=label(files.attr_items, ATTR_ITEMS_CANDIDATES))
   return files, plan
 
 
@@ -451,24 +662,3 @@ class ImageArchive:
       except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as e:
         raise ValueError(f"cannot be read from {self._files.images_label}: {e}") from e
     return (self._files.images / image_name).read_bytes()
-
-
-def check_jpeg(data: bytes) -> tuple[int, int]:
-  """Decodes a JPEG fully, so that a truncated or corrupt file is caught; returns `(height, width)`.
-
-  Raises:
-    ValueError: saying why the bytes are not a usable JPEG.
-  """
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      if image.format != "JPEG":
-        raise ValueError(f"is a {image.format} file, not a JPEG")
-      if image.mode not in ("RGB", "L"):
-        # Grayscale is widened to 3 channels on read; CMYK and others would not fit `[H, W, 3]`.
-        raise ValueError(f"is a {image.mode} JPEG; convert it to RGB")
-      image.load()  # Decodes every scan; raises OSError on truncated or corrupt data.
-      return image.height, image.width
-  except Image.UnidentifiedImageError as e:
-    raise ValueError("is not an image file (PIL cannot identify it)") from e
-  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-    raise ValueError(f"is not a readable JPEG ({e})") from e

@@ -6,7 +6,11 @@ shape), a fill (colours from a small per-category palette, a pattern type, scale
 and details (placket and buttons, zip, pockets, a logo, cuffs, belt, side stripes, rips, pleats).
 A *view* (`View`, drawn by `sample_view`) is one photo of it: front, side, back, full body or close-up, on a
 mannequin or laid flat, with pose, framing, background, lighting, noise and sometimes an occluder.
-`render(product, view, image_size)` draws the photo as `uint8 [image_size, image_size, 3]`.
+`render(product, view, image_size)` draws the photo as `uint8 [image_size, image_size, 3]`, and
+`annotate(product, view, image_size)` gives what is true of it: the garment's box, its 8 landmarks with their
+visibility, its clothes and pose types; `product_attributes(product)` gives the product's attributes.
+For the consumer-to-shop variant, `consumer_view` turns a view into a street photo (the garment small,
+off-centre, on clutter, often partly hidden) and `shop_view` into a clean shop photo.
 
 Products of one category share a silhouette and a handful of colours, so colour alone does not tell them
 apart; what does is the combination of pattern and shape details. Everything is drawn in *body coordinates*
@@ -720,10 +724,34 @@ def _background(view: View, size: int) -> np.ndarray:
     rng = np.random.default_rng(view.noise_seed)
     coarse = (rng.uniform(-40, 40, (5, 5, 3)) + c0).clip(0, 255).astype(np.uint8)
     image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC), np.float32)
+  elif view.background == "clutter":
+    return _clutter(view, size)
   else:  # studio, plain: a soft vignette keeps a plain wall from being perfectly flat
     r2 = (t[:, None] - 0.5) ** 2 + (t[None, :] - 0.5) ** 2
     image = c0 * (1.0 - 0.12 * view.background_param * r2[..., None])
   return np.broadcast_to(image, (size, size, 3)).clip(0, 255).astype(np.uint8)
+
+
+def _clutter(view: View, size: int) -> np.ndarray:
+  """A street scene stand-in: a wall and floor under a few dozen overlapping boxes, discs and bars."""
+  rng = np.random.default_rng([view.noise_seed, 1])  # Not the pixel noise's stream.
+  c0, c1 = view.background_colours
+  image = Image.new("RGB", (size, size), c0)
+  draw = ImageDraw.Draw(image)
+  draw.rectangle([0, int(size * (0.55 + 0.35 * view.background_param)), size, size], fill=_scale(c1, 0.85))
+  palette = list(COLOURS.values()) + list(_BACKDROPS)
+  for _ in range(int(view.background_param * 40) + 12):
+    x, y = rng.uniform(-0.1, 1.1, 2) * size
+    w, h = rng.uniform(0.04, 0.3, 2) * size
+    colour = tuple(palette[int(rng.integers(len(palette)))])
+    shape = int(rng.integers(3))
+    if shape == 0:
+      draw.rectangle([x, y, x + w, y + h], fill=colour, outline=_scale(colour, 0.6))
+    elif shape == 1:
+      draw.ellipse([x, y, x + w, y + w], fill=colour)
+    else:
+      draw.line([x, y, x + w, y + h * rng.choice((-1, 1))], fill=colour, width=max(1, int(size * 0.015)))
+  return np.asarray(image)
 
 
 def _frame(polygons: list[np.ndarray], view: View, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1093,3 +1121,218 @@ def render(product: Product, view: View, image_size: int, supersample: int = 2) 
   noise_rng = np.random.default_rng(view.noise_seed)
   pixels += noise_rng.normal(0.0, view.noise, pixels.shape).astype(np.float32)
   return pixels.clip(0, 255).round().astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Consumer and shop photos (the consumer-to-shop variant).
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerPhotos:
+  """How street photos of a product differ from its shop photos (the consumer-to-shop variant).
+
+  A consumer photo shows the garment small and off-centre, on clutter, often partly hidden; a shop photo
+  shows it alone, centred, on a studio background, unoccluded.
+  """
+  # The garment's longer side as a fraction of the image side, drawn uniformly from this range.
+  garment_scale: tuple[float, float] = (0.3, 0.55)
+  # Probability that something hides part of the garment.
+  occlusion_prob: float = 0.8
+  # Side of the occluder relative to the garment's (so it hides very roughly this fraction's square).
+  occluder_scale: tuple[float, float] = (0.25, 0.55)
+  # Probability that a consumer photo shows the garment worn (on a model).
+  model_prob: float = 0.9
+  # Fraction of the train split's photos that are consumer photos (the rest are shop photos).
+  train_consumer_fraction: float = 0.5
+
+  def __post_init__(self):
+    lo, hi = self.garment_scale
+    if not 0.05 <= lo <= hi <= 0.9:
+      raise ValueError(f"ConsumerPhotos.garment_scale must satisfy 0.05 <= lo <= hi <= 0.9, got "
+                       f"{self.garment_scale}.")
+    lo, hi = self.occluder_scale
+    if not 0.0 < lo <= hi <= 1.0:
+      raise ValueError(f"ConsumerPhotos.occluder_scale must satisfy 0 < lo <= hi <= 1, got {self.occluder_scale}.")
+    for name in ("occlusion_prob", "model_prob", "train_consumer_fraction"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"ConsumerPhotos.{name} is a probability, got {getattr(self, name)}.")
+
+
+def consumer_view(rng: np.random.Generator, view: View, photos: ConsumerPhotos = ConsumerPhotos()) -> View:
+  """A street photo from a view: the garment small and off-centre, on clutter, often partly occluded.
+
+  Args:
+    rng: the consumer photo's own generator (seed it from (dataset seed, item id, view index)).
+    view: the view it starts from (its lighting, pose, flip and rotation are kept).
+    photos: the consumer photo knobs.
+
+  Returns:
+    The consumer photo's view.
+  """
+  scale = float(rng.uniform(*photos.garment_scale))
+  # `_frame` makes the garment's longer side size * zoom / 1.1; a shift keeps it inside the image.
+  room = (1.0 - scale) / 2 * 0.9
+  shift = (float(rng.uniform(-room, room)), float(rng.uniform(-room, room)))
+  occluder, occluder_box = "none", view.occluder_box
+  if rng.random() < photos.occlusion_prob:
+    occluder = _pick(rng, ("box", "blob"))
+    radius = scale * float(rng.uniform(*photos.occluder_scale)) / 2
+    # Centred on the garment's edge region, so that it hides part of it, never all.
+    offset = rng.uniform(-0.4, 0.4, 2) * scale
+    occluder_box = (0.5 + shift[0] + float(offset[0]), 0.5 + shift[1] + float(offset[1]),
+                    radius * float(rng.uniform(0.7, 1.3)), radius * float(rng.uniform(0.7, 1.3)))
+  return dataclasses.replace(
+      view, view_type=view.view_type if view.view_type in ("front", "side", "back") else "front",
+      on_model=bool(rng.random() < photos.model_prob), zoom=scale * 1.1, centre=(0.0, 0.0), shift=shift,
+      background="clutter", background_colours=(_pick(rng, _BACKDROPS), _pick(rng, _STUDIO + _BACKDROPS)),
+      background_param=float(rng.uniform(0.0, 1.0)), occluder=occluder, occluder_box=occluder_box)
+
+
+def shop_view(view: View) -> View:
+  """A clean shop photo from a view: the garment alone, centred, upright, on a studio background."""
+  return dataclasses.replace(
+      view, view_type=view.view_type if view.view_type in ("front", "side", "back") else "front",
+      rotation=0.0, zoom=1.0, centre=(0.0, 0.0), shift=(0.0, 0.0), background="studio",
+      background_colours=(_STUDIO[0], _STUDIO[0]), occluder="none")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Annotations: what the renderer knows about a photo, in the In-shop annotation features' terms.
+
+# Colour families of the `colour:` attributes; each named colour belongs to one.
+COLOUR_FAMILIES = {
+    "white": ("white", "cream"), "beige": ("beige", "camel", "khaki"), "brown": ("brown",),
+    "black": ("black", "charcoal"), "grey": ("grey", "lightgrey"),
+    "blue": ("navy", "blue", "skyblue", "denim", "darkdenim", "lightdenim"), "green": ("teal", "green", "olive",
+                                                                                      "mint"),
+    "yellow": ("yellow", "mustard"), "orange": ("orange", "coral"), "red": ("red", "burgundy"),
+    "pink": ("pink", "hotpink"), "purple": ("lilac", "purple"),
+}
+_FAMILY_OF = {colour: family for family, colours in COLOUR_FAMILIES.items() for colour in colours}
+# The attribute vocabulary: one group per property, each value an attribute (1 has it, -1 has not,
+# 0 not applicable, e.g. the sleeves of trousers).
+ATTRIBUTE_NAMES = (tuple(f"pattern:{p}" for p in PATTERNS) + tuple(f"sleeve:{s}" for s in SLEEVE_LENGTHS)
+                   + tuple(f"neckline:{n}" for n in NECKLINES) + tuple(f"colour:{c}" for c in COLOUR_FAMILIES))
+
+
+def colour_family(colour: Colour) -> str:
+  """The family (`COLOUR_FAMILIES`) of the named colour nearest to an RGB colour."""
+  names = list(COLOURS)
+  distances = [sum((a - b) ** 2 for a, b in zip(colour, COLOURS[n])) for n in names]
+  return _FAMILY_OF[names[int(np.argmin(distances))]]
+
+
+def product_attributes(product: Product) -> np.ndarray:
+  """`[len(ATTRIBUTE_NAMES)]` int8: 1 for the product's pattern, sleeve, neckline and colour family, -1 for
+  the other values of each group, 0 for groups that do not apply (sleeves and necklines of bottoms)."""
+  is_top = product.kind not in BOTTOM_KINDS
+  sleeve = next(name for name, length in SLEEVE_LENGTHS.items() if length == product.sleeve)
+  groups = ((PATTERNS, product.pattern, True), (tuple(SLEEVE_LENGTHS), sleeve, is_top),
+            (NECKLINES, product.neckline, is_top),
+            (tuple(COLOUR_FAMILIES), colour_family(product.main), True))
+  values = []
+  for names, value, applies in groups:
+    values += [(1 if name == value else -1) if applies else 0 for name in names]
+  return np.asarray(values, np.int8)
+
+
+def clothes_type(product: Product) -> int:
+  """In-shop's clothes type code: 1 upper body, 2 lower body, 3 full body."""
+  if product.kind in TOP_KINDS:
+    return 1
+  return 2 if product.kind in BOTTOM_KINDS else 3
+
+
+def pose_type(view: View) -> int:
+  """In-shop's pose type code: 1 frontal, 2 side, 3 back (worn), 4 zoom-out (full body), 5 zoom-in (close-up),
+  6 stand-alone (laid flat)."""
+  if view.view_type == "full":
+    return 4
+  if view.view_type == "additional":
+    return 5
+  if not view.on_model:
+    return 6
+  return {"front": 1, "side": 2, "back": 3}[view.view_type]
+
+
+def _landmark_points(p: Product, view: View) -> dict[int, np.ndarray]:
+  """Body coordinates of the product's landmarks, by slot of `inshop_features.LANDMARK_NAMES` (left = -x)."""
+  points = {}
+  upper = p.kind in TOP_KINDS + ("dress", "jumpsuit", "romper")
+  if upper:
+    nh = 0.13 if p.neckline not in ("boat", "strap") else 0.19
+    points[0] = np.array([-nh, NECK_Y])
+    if p.sleeve > 0:
+      _, end, _ = _sleeve(p, view.arm_angle)
+      points[2] = end.mean(axis=0)
+    else:  # the armhole
+      points[2] = np.array([-p.shoulder + 0.025, (SHOULDER_Y + 0.02 + ARMPIT_Y) / 2])
+  if p.kind not in TOP_KINDS:  # bottoms and full-body garments have a waistline
+    points[4] = np.array([-(0.25 if p.kind == "leggings" else 0.27 * p.fit), WAIST_Y])
+  if p.kind in TOP_KINDS or p.kind in ("dress", "skirt"):
+    points[6] = np.array(_hem_points(p, p.width, p.length)[0])
+  else:  # trouser legs: the centre of the left leg's hem
+    spread = view.leg_spread * (p.length - CROTCH_Y) / (ANKLE_Y - CROTCH_Y)
+    points[6] = np.array([-(0.16 + spread + (0.02 if p.width > 0.14 else 0.0)), p.length])
+  # Right landmarks mirror the left ones, except a slanted hem's, which is not symmetric.
+  for left in (0, 2, 4, 6):
+    if left in points:
+      points[left + 1] = points[left] * np.array([-1.0, 1.0])
+  if 6 in points and (p.kind in TOP_KINDS or p.kind in ("dress", "skirt")):
+    points[7] = np.array(_hem_points(p, p.width, p.length)[-1])
+  return points
+
+
+@dataclasses.dataclass(frozen=True)
+class Annotations:
+  """What is true of one photo, in the terms of the In-shop annotation features.
+
+  Attributes:
+    bbox: `(x_1, y_1, x_2, y_2)` of the garment in pixels of the final image, clipped to it.
+    landmarks: `[8, 3]` float32 `(visibility, x, y)` in the slots of `inshop_features.LANDMARK_NAMES`, x and
+      y in pixels; visibility 0 visible, 1 under the occluder, 2 outside the image, -1 for slots the
+      garment's clothes type does not have.
+    clothes_type: 1 upper, 2 lower, 3 full body.
+    pose_type: 1 frontal ... 6 stand-alone (`pose_type`).
+  """
+  bbox: tuple[float, float, float, float]
+  landmarks: np.ndarray
+  clothes_type: int
+  pose_type: int
+
+
+def annotate(product: Product, view: View, image_size: int, supersample: int = 2) -> Annotations:
+  """The garment's box, landmarks and types in the photo that `render` draws with the same arguments.
+
+  Geometry is exact: the box bounds the silhouette polygons (not the small details drawn over them, such as a
+  hood behind the neck), mapped by the same transform as the pixels.
+  """
+  size = image_size * supersample
+  polygons = garment_polygons(product, view.arm_angle, view.leg_spread)
+  matrix, offset = _frame(polygons, view, size)
+  to_image = lambda points: (np.asarray(points) @ matrix.T + offset) / supersample  # noqa: E731
+  corners = to_image(np.concatenate(polygons))
+  x1, y1 = np.clip(corners.min(axis=0), 0, image_size)
+  x2, y2 = np.clip(corners.max(axis=0), 0, image_size)
+  landmarks = np.zeros((8, 3), np.float32)
+  landmarks[:, 0] = -1
+  kind = clothes_type(product)
+  points = _landmark_points(product, view)
+  cx, cy, rx, ry = (q * image_size for q in view.occluder_box)
+  for slot in (0, 1, 2, 3, 4, 5, 6, 7):
+    if slot not in points or slot not in _SLOTS_OF_TYPE[kind]:
+      continue
+    x, y = to_image(points[slot])
+    if not (0 <= x < image_size and 0 <= y < image_size):
+      visibility = 2
+    elif view.occluder == "box" and abs(x - cx) <= rx and abs(y - cy) <= ry:
+      visibility = 1
+    elif view.occluder == "blob" and ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1:
+      visibility = 1
+    else:
+      visibility = 0
+    landmarks[slot] = (visibility, x, y)
+  return Annotations(bbox=(float(x1), float(y1), float(x2), float(y2)), landmarks=landmarks, clothes_type=kind,
+                     pose_type=pose_type(view))
+
+
+_SLOTS_OF_TYPE = inshop_features.LANDMARK_SLOTS

@@ -1,9 +1,15 @@
 """TFDS builder `synthetic_inshop`: a DeepFashion In-shop look-alike that jaxret generates itself.
 
-Same features (`inshop_features.core_features()`) and splits (`train`, `query`, `gallery`) as the real In-shop
-builder, so the trainer reads either the same way. Products are procedural garments (`garments.py`) shown in
-several views; train and test products are disjoint and every test product has images in both query and
-gallery. Nothing is downloaded: `download_and_prepare()` renders the images into the TFDS data dir.
+Same features (`inshop_features.core_features()` and `annotation_features()`) and splits (`train`, `query`,
+`gallery`) as the real In-shop builder, so the trainer reads either the same way. Products are procedural
+garments (`garments.py`) shown in several views; train and test products are disjoint and every test product
+has images in both query and gallery. Nothing is downloaded: `download_and_prepare()` renders the images into
+the TFDS data dir. The annotations are what the renderer knows: the garment's true box, its landmarks, clothes
+and pose types, and the product's attributes (pattern, sleeve length, neckline, colour family).
+
+The consumer-to-shop configs (`c2s_small`, `c2s_tiny`) photograph query images like street photos (the
+garment small, off-centre, on clutter, often partly occluded) and gallery images like shop photos (clean,
+centred, studio background); train images are a mix of both.
 
   from data_prep import synthetic_inshop
   builder = synthetic_inshop.SyntheticInshop(config="small", data_dir=data_dir)
@@ -32,8 +38,8 @@ from data_prep.synthetic_inshop import garments
 
 # Items rendered per worker task: large enough to amortise inter-process traffic, small enough to stream.
 _ITEMS_PER_TASK = 16
-# Tags that keep the random streams of the split layout, the products and the views apart.
-_LAYOUT_STREAM, _PRODUCT_STREAM, _VIEW_STREAM = 1, 2, 3
+# Tags that keep the random streams of the split layout, the products, the views and the consumer photos apart.
+_LAYOUT_STREAM, _PRODUCT_STREAM, _VIEW_STREAM, _CONSUMER_STREAM = 1, 2, 3, 4
 
 
 @dataclasses.dataclass(eq=False)
@@ -54,6 +60,9 @@ class SyntheticInshopConfig(tfds.core.BuilderConfig):
   num_gallery_images: int = 360  # spread over the test items, each gets >= 1
   num_workers: int = 0  # processes that render images; 0 renders in the calling process, -1 uses all cores
   difficulty: garments.Difficulty = dataclasses.field(default_factory=garments.Difficulty)
+  # None: In-shop-like photos in every split. Else query photos are consumer (street) photos, gallery photos
+  # shop photos, and train photos a mix (the consumer-to-shop variant).
+  consumer_photos: garments.ConsumerPhotos | None = None
 
   def __post_init__(self):
     for split, images, items in (("train", self.num_train_images, self.num_train_items),
@@ -73,6 +82,8 @@ class SyntheticInshopConfig(tfds.core.BuilderConfig):
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
               if f.name not in inherited and f.name != "num_workers"}
     fields["difficulty"] = dataclasses.asdict(self.difficulty)
+    fields["consumer_photos"] = (None if self.consumer_photos is None
+                                 else dataclasses.asdict(self.consumer_photos))
     fields["renderer_version"] = garments.RENDERER_VERSION
     return json.loads(json.dumps(fields))
 
@@ -95,6 +106,17 @@ BUILDER_CONFIGS = [
         image_size=256, supersample=1, num_train_items=3997, num_test_items=3985, num_train_images=25882,
         num_query_images=14218, num_gallery_images=12612, num_workers=-1,
     ),
+    SyntheticInshopConfig(
+        name="c2s_small",
+        description="Consumer-to-shop, 96x96, the sizes of `small`: street-photo queries, shop-photo gallery.",
+        image_size=96, consumer_photos=garments.ConsumerPhotos(),
+    ),
+    SyntheticInshopConfig(
+        name="c2s_tiny",
+        description="Consumer-to-shop, 64x64, the sizes of `tiny`; for tests.",
+        num_train_items=24, num_test_items=12, num_train_images=96, num_query_images=24, num_gallery_images=24,
+        consumer_photos=garments.ConsumerPhotos(),
+    ),
 ]
 
 
@@ -105,6 +127,7 @@ class ItemLayout:
   category: int
   first_view: int
   num_views: int
+  split: str = "train"
 
 
 def _spread(total: int, bins: int, rng: np.random.Generator) -> np.ndarray:
@@ -134,23 +157,35 @@ def split_layout(config: SyntheticInshopConfig) -> dict[str, list[ItemLayout]]:
   train_views = _spread(config.num_train_images, len(train_ids), rng)
   query_views = _spread(config.num_query_images, len(test_ids), rng)
   gallery_views = _spread(config.num_gallery_images, len(test_ids), rng)
-  layout = lambda i, first, n: ItemLayout(int(i), int(categories[i - 1]), int(first), int(n))  # noqa: E731
+  layout = lambda i, first, n, split: ItemLayout(  # noqa: E731
+      int(i), int(categories[i - 1]), int(first), int(n), split)
   return {
-      "train": [layout(i, 0, n) for i, n in zip(train_ids, train_views)],
-      "query": [layout(i, 0, n) for i, n in zip(test_ids, query_views)],
-      "gallery": [layout(i, q, n) for i, q, n in zip(test_ids, query_views, gallery_views)],
+      "train": [layout(i, 0, n, "train") for i, n in zip(train_ids, train_views)],
+      "query": [layout(i, 0, n, "query") for i, n in zip(test_ids, query_views)],
+      "gallery": [layout(i, q, n, "gallery") for i, q, n in zip(test_ids, query_views, gallery_views)],
   }
 
 
 def product_and_views(config: SyntheticInshopConfig, item: ItemLayout
                       ) -> tuple[garments.Product, list[tuple[int, garments.View]]]:
-  """The product of an item and its (view index, view) pairs, from their own seeds."""
+  """The product of an item and its (view index, view) pairs, from their own seeds.
+
+  With `config.consumer_photos`, query views become consumer photos, gallery views shop photos, and train
+  views either (a draw per view); the base view is drawn the same way in every config.
+  """
   product = garments.sample_product(np.random.default_rng([config.seed, _PRODUCT_STREAM, item.item_id]),
                                     item.category, config.difficulty)
   views = []
+  photos = config.consumer_photos
   for index in range(item.first_view, item.first_view + item.num_views):
     rng = np.random.default_rng([config.seed, _VIEW_STREAM, item.item_id, index])
-    views.append((index, garments.sample_view(rng, product, config.difficulty)))
+    view = garments.sample_view(rng, product, config.difficulty)
+    if photos is not None:
+      consumer_rng = np.random.default_rng([config.seed, _CONSUMER_STREAM, item.item_id, index])
+      consumer = item.split == "query" or (
+          item.split == "train" and consumer_rng.random() < photos.train_consumer_fraction)
+      view = garments.consumer_view(consumer_rng, view, photos) if consumer else garments.shop_view(view)
+    views.append((index, view))
   return product, views
 
 
@@ -161,17 +196,38 @@ def image_name(item: ItemLayout, view_index: int, view_type: str) -> str:
   return f"img/{category}/id_{item.item_id:08d}/{view_index + 1:02d}_{number}_{view_type}.jpg"
 
 
+def annotation_example(annotations: garments.Annotations, attributes: np.ndarray, image_size: int) -> dict:
+  """The annotation features (`inshop_features.annotation_features`) of one rendered photo, all present."""
+  x1, y1, x2, y2 = (v / image_size for v in annotations.bbox)
+  landmarks = annotations.landmarks.copy()
+  present = landmarks[:, 0] != inshop_features.LANDMARK_ABSENT
+  landmarks[present, 1:] /= image_size
+  return {
+      "bbox": tfds.features.BBox(ymin=y1, xmin=x1, ymax=y2, xmax=x2),
+      "has_bbox": True,
+      "clothes_type": annotations.clothes_type,
+      "pose_type": annotations.pose_type,
+      "landmarks": landmarks,
+      "has_landmarks": True,
+      "attributes": attributes,
+      "has_attributes": True,
+  }
+
+
 def render_item(config: SyntheticInshopConfig, item: ItemLayout) -> list[tuple[str, dict]]:
   """All (key, example) pairs of one item in one split; JPEG-encoded, ready for TFDS."""
   product, views = product_and_views(config, item)
+  attributes = garments.product_attributes(product)
   examples = []
   for index, view in views:
     pixels = garments.render(product, view, config.image_size, config.supersample)
+    annotations = garments.annotate(product, view, config.image_size, config.supersample)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=config.jpeg_quality)
     name = image_name(item, index, view.view_type)
     examples.append((name, {"image": buffer.getvalue(), "image_name": name, "item_id": item.item_id,
-                            "category": item.category}))
+                            "category": item.category,
+                            **annotation_example(annotations, attributes, config.image_size)}))
   return examples
 
 
@@ -183,8 +239,12 @@ def render_items(config: SyntheticInshopConfig, items: list[ItemLayout]) -> list
 class SyntheticInshop(tfds.core.GeneratorBasedBuilder):
   """Procedural In-shop: garments in several views, with the real In-shop's features and splits."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "2.0.0": "The In-shop annotation features (true box, landmarks, clothes/pose type, attributes); the "
+               "consumer-to-shop configs. Images of the 1.0.0 configs are unchanged.",
+  }
   BUILDER_CONFIGS = BUILDER_CONFIGS
   DEFAULT_CONFIG_NAME = "small"
 
@@ -204,8 +264,11 @@ class SyntheticInshop(tfds.core.GeneratorBasedBuilder):
         description=("Synthetic DeepFashion In-shop look-alike: procedurally generated garments (silhouette "
                      "per category, colour, pattern, details) in several views (pose, scale, crop, lighting, "
                      "background, occlusion). Generated locally, never downloaded."),
-        features=tfds.features.FeaturesDict(inshop_features.core_features()),
-        metadata=tfds.core.MetadataDict(settings=self.builder_config.settings()),
+        features=tfds.features.FeaturesDict({
+            **inshop_features.core_features(),
+            **inshop_features.annotation_features(len(garments.ATTRIBUTE_NAMES))}),
+        metadata=tfds.core.MetadataDict(settings=self.builder_config.settings(),
+                                        attribute_names=list(garments.ATTRIBUTE_NAMES)),
     )
 
   def download_and_prepare(self, **kwargs):
