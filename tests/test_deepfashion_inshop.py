@@ -550,3 +550,31 @@ def test_command_summary_says_which_annotations_are_absent(tmp_path, capsys):
   assert "bbox/clothes_type/pose_type from Anno/list_bbox_inshop.txt" in out
   assert "landmarks absent (no Anno/list_landmarks_inshop.txt)" in out
   assert "attributes absent (no Anno/list_attr_cloth.txt and Anno/list_attr_items.txt)" in out
+
+
+def test_overwrite_with_a_damaged_image_keeps_the_good_dataset(tmp_path, capsys):
+  """The new build is made beside the old one and swapped in only when complete (docs/reliability.md)."""
+  fake_inshop.write_release(tmp_path / "manual", IMAGES)
+  argv = ["--manual_dir", str(tmp_path / "manual"), "--data_dir", str(tmp_path / "data")]
+  assert cli.main(argv) == 0
+  version_dir = tmp_path / "data" / "deepfashion_inshop" / "all" / "2.0.0"
+  before = {p.name: p.read_bytes() for p in version_dir.iterdir()}
+  bad = IMAGES[6]
+  fake_inshop.write_release(tmp_path / "manual", IMAGES, archive_bytes={bad.name: _truncated(bad.jpeg)})
+  assert cli.main(argv + ["--overwrite"]) == 1
+  assert "is not a readable JPEG" in capsys.readouterr().err
+  assert {p.name: p.read_bytes() for p in version_dir.iterdir()} == before  # Untouched, still readable.
+  assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["deepfashion_inshop"]  # No staging left.
+
+
+def test_leftovers_of_a_killed_build_are_removed_by_the_next_one(tmp_path):
+  from data_prep import staged_build  # pylint: disable=g-import-not-at-top
+  fake_inshop.write_release(tmp_path / "manual", IMAGES)
+  config_dir = tmp_path / "data" / "deepfashion_inshop" / "all"
+  leftovers = [config_dir / "incomplete.AB12CD_2.0.0", tmp_path / "data" / ".staging-999999999"]
+  for path in leftovers:
+    (path / "part").mkdir(parents=True)
+  assert cli.main(["--manual_dir", str(tmp_path / "manual"), "--data_dir", str(tmp_path / "data")]) == 0
+  assert not any(path.exists() for path in leftovers)
+  assert sorted(p.name for p in config_dir.iterdir()) == ["2.0.0"]
+  assert staged_build.remove_leftovers(str(tmp_path / "data"), str(config_dir / "2.0.0")) == []

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from data_prep.deepfashion2 import builder as builder_lib
 from data_prep.deepfashion2 import release
+from data_prep import staged_build
 
 # What Python's zipfile decrypts ZipCrypto at (pure Python), measured on the 2-core development machine.
 _DECRYPT_BYTES_PER_SECOND = 0.6e6
@@ -73,11 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{_DECRYPT_BYTES_PER_SECOND / 1e6:.1f} MB/s here), so reading their {encrypted / 1e9:.1f} GB takes "
             f"about {hours:.1f} h. Extracting them once (e.g. `unzip train.zip`, which asks for the password) "
             "and running again on the extracted folders is much faster.", flush=True)
-    builder = builder_lib.Deepfashion2(data_dir=data_dir, password=args.password, plan=(sources, plan))
-    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.path.expanduser(args.manual_dir), download_mode=mode))
+    # Built beside any existing copy, which is replaced only once the new one is complete (--overwrite).
+    builder = staged_build.prepare_beside(
+        lambda directory: builder_lib.Deepfashion2(data_dir=directory, password=args.password,
+                                                   plan=(sources, plan)),
+        data_dir, tfds.download.DownloadConfig(manual_dir=os.path.expanduser(args.manual_dir)))
   except release.DeepFashion2Error as e:
     print(f"\nerror: {e}", file=sys.stderr)
     return 1

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from data_prep.deepfashion_inshop import builder as builder_lib
 from data_prep.deepfashion_inshop import release
+from data_prep import staged_build
 
 
 def default_data_dir() -> str:
@@ -84,10 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Checked here first so that a bad download is reported before TFDS creates any folder.
     files, plan = release.validate_release(args.manual_dir)
     plan.select(builder.builder_config.genders)
-    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.path.expanduser(args.manual_dir), download_mode=mode))
+    # Built beside any existing copy, which is replaced only once the new one is complete (--overwrite).
+    builder = staged_build.prepare_beside(
+        lambda data_dir: builder_lib.DeepfashionInshop(config=args.config, data_dir=data_dir),
+        os.path.expanduser(args.data_dir),
+        tfds.download.DownloadConfig(manual_dir=os.path.expanduser(args.manual_dir)))
   except release.InshopDownloadError as e:
     print(f"\nerror: {e}", file=sys.stderr)
     return 1
