@@ -376,7 +376,9 @@ def test_bfloat16_embeddings_give_float32():
 
 
 def test_get_loss():
-  assert set(losses.LOSSES) == {"triplet", "quadruplet", "category_quadruplet", "contrastive"}
+  assert set(losses.LOSSES) == {"triplet", "quadruplet", "category_quadruplet", "contrastive",
+                                "multi_similarity", "proxy_anchor", "htl", "bier", "a_bier", "hdc", "abe",
+                                "grid", "capsule_margin"}
   x, labels = pk_batch(1, 3, 3, 4)
   loss = losses.get_loss("triplet")
   options = loss.options_from({"margin": 0.2, "mining": "batch_all"})
@@ -392,13 +394,20 @@ def test_get_loss():
 def test_every_loss_is_called_the_same_way():
   """The trainer's one call: (params, outputs, batch, options) for every registered loss, defaults valid."""
   x, labels = pk_batch(2, 3, 3, 4)
-  categories = labels % 2
-  batch = {"item_id": labels, "category": categories, "class_index": labels}
+  class_index = np.unique(labels, return_inverse=True)[1]
+  categories = class_index % 2
+  batch = {"item_id": labels, "category": categories, "class_index": class_index,
+           "rng": jnp.array([0, 1], jnp.uint32)}  # the key the trainer derives from the step
+  # What the models return beside the embedding: capsule lengths (capsule models), BIER's head outputs.
+  outputs = {"capsule_lengths": jnp.full((9, 2), 0.5), "bier_regularizer": x, "embedding_kernel": jnp.ones((5, 4))}
+  # Sizes that fit D = 4 (the defaults are for the papers' 512-D embeddings).
+  small = {"bier": {"learner_sizes": (1, 1, 2)}, "a_bier": {"learner_sizes": (1, 1, 2)},
+           "hdc": {"level_dims": (1, 1, 2)}, "abe": {"num_learners": 2}}
   context = losses.LossContext(num_classes=3, num_categories=2, embedding_dim=4)
   for name, loss in losses.LOSSES.items():
-    options = loss.options_from({})
+    options = loss.options_from(small.get(name, {}))
     params = loss.init_params(jax.random.key(0), context, options)
-    value, _ = jax.jit(lambda p, v: loss(p, {"embedding": v}, batch, options))(params, x)
+    value, _ = jax.jit(lambda p, v: loss(p, {**outputs, "embedding": v}, batch, options))(params, x)
     assert value.shape == () and np.isfinite(value), name
 
 

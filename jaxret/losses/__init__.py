@@ -6,8 +6,16 @@ docs/losses.md for the equations and references.
 """
 
 from jaxret.distances import pairwise_distances
+from jaxret.losses import abe
+from jaxret.losses import bier
+from jaxret.losses import capsule_margin
 from jaxret.losses import contrastive
+from jaxret.losses import grid
+from jaxret.losses import hdc
+from jaxret.losses import htl
+from jaxret.losses import multi_similarity
 from jaxret.losses import objective
+from jaxret.losses import proxy_anchor
 from jaxret.losses import quadruplet
 from jaxret.losses import triplet
 from jaxret.losses.contrastive import contrastive_loss
@@ -26,6 +34,15 @@ LOSSES: dict[str, Loss] = {
     "quadruplet": quadruplet.QUADRUPLET,
     "category_quadruplet": quadruplet.CATEGORY_QUADRUPLET,
     "contrastive": contrastive.LOSS,
+    "multi_similarity": multi_similarity.LOSS,
+    "proxy_anchor": proxy_anchor.LOSS,
+    "htl": htl.LOSS,
+    "bier": bier.BIER,
+    "a_bier": bier.A_BIER,
+    "hdc": hdc.LOSS,
+    "abe": abe.LOSS,
+    "grid": grid.LOSS,
+    "capsule_margin": capsule_margin.LOSS,
 }
 assert all(name == loss.name for name, loss in LOSSES.items())
 

@@ -29,3 +29,45 @@ def batch_distances(embeddings: jax.typing.ArrayLike, *, squared: bool, metric: 
 def hinge(x: jax.Array) -> jax.Array:
   """max(x, 0)."""
   return jnp.maximum(x, 0.0)
+
+
+def float_embeddings(embeddings: jax.typing.ArrayLike, name: str = "embeddings") -> jax.Array:
+  """`[B, D]` embeddings in at least float32 (bfloat16 in, float32 math and loss out)."""
+  embeddings = jnp.asarray(embeddings)
+  if embeddings.ndim != 2:
+    raise ValueError(f"{name} must be [batch_size, dim]; got shape {embeddings.shape}.")
+  return embeddings.astype(jnp.promote_types(embeddings.dtype, jnp.float32))
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Rows of `[B, D]` `x` divided by max(|x|, eps): exact for non-zero rows, finite gradient at zero."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def cosine_similarities(normalized: jax.Array, others: jax.Array | None = None) -> jax.Array:
+  """`[B, M]` dot products of L2-normalised rows (`others` defaults to `normalized`), at full precision."""
+  others = normalized if others is None else others
+  return jnp.matmul(normalized, others.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def embedding_slices(embeddings: jax.Array, sizes, option: str) -> list[jax.Array]:
+  """`[B, D]` split into consecutive `[B, size]` blocks (learners, levels) whose sizes sum to D.
+
+  Args:
+    embeddings: `[B, D]`.
+    sizes: the block sizes, positive integers.
+    option: the config option that holds `sizes`, named in the error.
+
+  Raises:
+    ValueError: when a size is not a positive integer or the sizes do not add up to D.
+  """
+  sizes = tuple(sizes)
+  if not sizes or any(isinstance(s, bool) or not float(s).is_integer() or s < 1 for s in sizes):
+    raise ValueError(f"{option} must be a tuple of positive integers; got {sizes!r}.")
+  sizes = tuple(int(s) for s in sizes)
+  if sum(sizes) != embeddings.shape[-1]:
+    raise ValueError(f"{option}={sizes} adds up to {sum(sizes)}, but the embedding has "
+                     f"{embeddings.shape[-1]} dimensions; make the model's embedding size the sum, or "
+                     f"change {option}.")
+  starts = [sum(sizes[:i]) for i in range(len(sizes))]
+  return [embeddings[:, start:start + size] for start, size in zip(starts, sizes)]

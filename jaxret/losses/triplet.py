@@ -31,18 +31,28 @@ TRIPLET_MINING = ("batch_hard", "batch_all", "semi_hard")
 
 
 def batch_all_triplet_sums(distances: jax.Array, positive_mask: jax.Array, negative_mask: jax.Array,
-                            margin: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
+                            margin: jax.typing.ArrayLike,
+                            negative_distances: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Sum and number of the positive triplet losses max(d_ap - d_an + margin, 0), without a B^3 tensor.
 
   For a fixed (a, p) with t = d_ap + margin, the negatives with positive loss are those with d_an < t, a
   prefix of a's sorted negatives; their loss sums to k * t - (sum of the k smallest d_an), with k found by
   binary search. O(B^2 log B) time and O(B^2) memory; the gradient is the same as the B^3 sum's.
 
+  Args:
+    distances: `[B, B]` distances; `distances[a, p]` is the positive side of the triplets.
+    positive_mask, negative_mask: `[B, B]` booleans of the anchors' positives and negatives.
+    margin: scalar margin.
+    negative_distances: `[B, B]` values used instead of `distances[a, n]` on the negative side. A margin
+      that depends on (a, n), as HTL's, goes here: max(d_ap - d_an + m_an, 0) is
+      max(d_ap - (d_an - m_an) + 0, 0).
+
   Returns:
     `(total, count)`: scalar sum of the losses and scalar (float) number of triplets with positive loss.
   """
   batch_size = distances.shape[0]
-  sorted_negatives, num_negatives = miners.sorted_negative_distances(distances, negative_mask)
+  negatives = distances if negative_distances is None else negative_distances
+  sorted_negatives, num_negatives = miners.sorted_negative_distances(negatives, negative_mask)
   # Work relative to each anchor's nearest negative (a constant for the gradient) so that k * t - prefix
   # below subtracts numbers of the size of the distances' spread, not of the distances themselves.
   shift = jax.lax.stop_gradient(jnp.where(num_negatives > 0, sorted_negatives[:, 0], 0.0))[:, None]
