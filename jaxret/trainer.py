@@ -286,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       step, values = bad
       log.write({"step": step, **values, "note": "non-finite parameters, gradients or loss; not saved"})
       checkpoints.wait()
+      progress.close()
       last = checkpoints.last_saved
       raise NonFiniteError(
           f"Step {step} made the parameters, gradients or loss non-finite (loss {values.get('loss')}, "

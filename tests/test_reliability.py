@@ -77,8 +77,9 @@ def test_a_non_finite_step_stops_the_run_and_is_never_saved(tmp_path, data_dir):
   completed = run(tmp_path, data_dir, "--config.optim.learning_rate=1e30", "--config.loss.name=triplet",
                   "--config.total_steps=12", "--config.checkpoint_every=2", "--config.log_every=4")
   assert completed.returncode == 1
-  error = completed.stderr.strip().splitlines()[-1]
-  assert error.startswith("error: Step ") and "non-finite" in error and "learning_rate" in error
+  errors = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, completed.stderr
+  assert errors[0].startswith("error: Step ") and "non-finite" in errors[0] and "learning_rate" in errors[0]
   assert "Traceback" not in completed.stderr
   rows = metrics_lines(tmp_path)  # Valid JSON throughout.
   bad = [r for r in rows if "not saved" in r.get("note", "")]
