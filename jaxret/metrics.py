@@ -222,6 +222,20 @@ def recall_at_k(query_emb, query_labels, gallery_emb, gallery_labels, ks: Sequen
   if query_emb.shape[0] == 0 or gallery_emb.shape[0] == 0:
     raise ValueError("recall_at_k needs at least one query and one gallery image.")
   chunk_size = max(1, min(chunk_size, query_emb.shape[0]))
-  ranks = np.asarray(query_ranks(query_emb, query_labels, gallery_emb, gallery_labels, metric=metric,
-                                 chunk_size=chunk_size))
+  ranks = query_ranks(query_emb, query_labels, gallery_emb, gallery_labels, metric=metric, chunk_size=chunk_size)
+  return recall_from_ranks(ranks, ks)
+
+
+def recall_from_ranks(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+  """Recall@K from the 0-based rank of each query's first correct gallery image: the fraction with rank < K.
+
+  Args:
+    ranks: `[Q]` ranks (`query_ranks`, `sharded_query_ranks`, or any search's first-hit positions); a query
+      with no correct image anywhere has a rank >= every K.
+    ks: the K values.
+
+  Returns:
+    `{k: recall}` with Python floats in [0, 1].
+  """
+  ranks = np.asarray(ranks)
   return {int(k): float(np.mean(ranks < int(k))) for k in ks}
