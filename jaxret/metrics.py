@@ -379,10 +379,8 @@ def ranking_depth(query_labels: np.ndarray, gallery_labels: np.ndarray, ks: Sequ
   gallery_labels = np.asarray(gallery_labels)
   if gallery_valid is not None:
     gallery_labels = gallery_labels[np.asarray(gallery_valid, bool)]
-  labels, counts = np.unique(gallery_labels, return_counts=True)
-  position = np.clip(np.searchsorted(labels, np.asarray(query_labels)), 0, max(len(labels) - 1, 0))
-  found = (labels[position] == np.asarray(query_labels)) if len(labels) else np.zeros(len(query_labels), bool)
-  largest_r = int(np.max(np.where(found, counts[position] if len(labels) else 0, 0), initial=0))
+  images_of = dict(zip(*(a.tolist() for a in np.unique(gallery_labels, return_counts=True))))
+  largest_r = max((images_of.get(label, 0) for label in np.unique(query_labels).tolist()), default=0)
   return max(1, max(int(k) for k in ks), largest_r)
 
 
