@@ -86,6 +86,13 @@ def alpha_query_expansion(queries: jax.typing.ArrayLike, gallery: jax.typing.Arr
   Returns:
     `[Q, D]` float32 unit-norm expanded queries; rank the gallery by cosine distance to them.
 
+  Example:
+    >>> import numpy as np
+    >>> gallery = np.array([[1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
+    >>> q = alpha_query_expansion(np.array([[1.0, 0.0]]), gallery, num_neighbours=1, alpha=1.0)
+    >>> np.round(np.asarray(q, np.float64), 4).tolist()  # (1, 0) + cos 45 deg * (0.7071, 0.7071), normalised
+    [[0.9487, 0.3162]]
+
   References:
     Radenovic, Tolias, Chum. Fine-tuning CNN Image Retrieval with No Human Annotation. TPAMI 2018 (alpha-QE).
     Chum, Philbin, Sivic, Isard, Zisserman. Total Recall. ICCV 2007 (average query expansion).
