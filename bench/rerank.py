@@ -12,8 +12,8 @@ re-ranked distances on device) and then `jaxret.metrics.retrieval_metrics_from_d
 precision@K, mAP@R, R-precision); the baseline row is `metrics.retrieval_metrics` on the embeddings, which
 never forms the `[Q, G]` matrix. The first call of each includes compilation; with `--repeats` > 1 the later
 calls are reported too (median). Times are wall clock and, in brackets, the CPU time of the process (all
-threads), which a machine shared with other jobs inflates less. Peak memory is the process's maximum resident set size after the method
-(it only grows, so read it as "at most this much up to here").
+threads), which a machine shared with other jobs inflates less. Peak memory is the process's maximum
+resident set size after the method (it only grows, so read it as "at most this much up to here").
 
 The metrics on these random clusters say nothing about real data (k-reciprocal's neighbourhoods of
 neighbourhoods are what trained embeddings have and Gaussian clusters lack); they are printed only to show that
