@@ -260,8 +260,8 @@ def _encoding(queries, gallery, *, metric, k1, k2, chunk_size):
 
 @functools.partial(jax.jit, static_argnames=("width", "k2", "chunk_size"))
 def _expansion(columns, values, neighbours, *, width, k2, chunk_size):
-  """Step 3: V cut to its widest row (the bound S is about 5 times too wide on In-shop-like data, and the
-  sort of the expansion costs in proportion), then averaged over the k2 nearest; and the non-zeros per row."""
+  """Step 3: V cut to its widest row (usually far below the bound S, and the expansion's sort costs in
+  proportion to the width), then averaged over the k2 nearest; and the non-zeros per row."""
   columns, values = _local_query_expansion(columns[:, :width], values[:, :width], neighbours, k2=k2,
                                            chunk_size=chunk_size)
   return columns, values, jnp.sum(columns < columns.shape[0], axis=1)
@@ -276,8 +276,6 @@ def _gallery_by_column(columns, values, *, num_queries, width):
   columns, values = columns[:, :width], values[:, :width]
   query_cols, query_vals = columns[:num_queries], values[:num_queries]
   columns, values = columns[num_queries:], values[num_queries:]
-  """The gallery rows of V by column (CSC): row and value of every entry sorted by column, and `[N + 1]`
-  counts per column (0 for the "none" column N)."""
   num_gallery = columns.shape[0]
   rows = jnp.broadcast_to(jnp.arange(num_gallery, dtype=jnp.int32)[:, None], columns.shape)
   sorted_cols, sorted_rows, sorted_vals = jax.lax.sort(
