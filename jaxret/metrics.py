@@ -1,4 +1,5 @@
-"""Retrieval metrics: Recall@K under the DeepFashion In-shop protocol, exact, on device, in chunks.
+"""Retrieval metrics: Recall@K under the DeepFashion In-shop protocol, mAP@R, R-precision, precision@K and
+Recall@K per category; exact, on device, in chunks.
 
 A query is a hit at K when any of its K nearest gallery images shows the same product (Liu et al., CVPR 2016,
 "DeepFashion", In-shop Clothes Retrieval benchmark). Instead of sorting the gallery for every query we compute
@@ -6,11 +7,15 @@ the rank of the first correct gallery image: the query is a hit at K exactly whe
 needs one `[chunk, G]` distance block and two reductions per chunk, gives every K at once, and merges across
 gallery shards by a min and a sum (see `first_hit_rank`).
 
+mAP@R, R-precision and precision@K (Musgrave, Belongie & Lim, ECCV 2020) need the positions of more than the
+first correct image: `ranked_relevance` reads the top `depth` of every ranking (see `ranking_depth`), and
+`metrics_from_relevance` turns those into every number at once; `retrieval_metrics` does both.
+
 Ties are broken by gallery index, as a stable sort of the distances would break them: gallery image g comes
 before h when d(g) < d(h), or d(g) == d(h) and g < h.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import functools
 
 import jax
@@ -171,6 +176,371 @@ def _sharded_ranks_fn(mesh: jax.sharding.Mesh, axis_name: str, metric: str, num_
   # One centre (the first gallery image) for all shards, so that every shard computes the same distances.
   return jax.jit(lambda queries, labels, gallery, gallery_labels, valid: sharded(
       queries, labels, gallery, gallery_labels, valid, gallery[0]))
+
+
+def nearest_first(distances: jax.Array, depth: int) -> tuple[jax.Array, jax.Array]:
+  """The `depth` smallest distances of each row and their column indices, ties broken by column index.
+
+  Args:
+    distances: `[Q, G]` distances.
+    depth: how many to keep per row, at most G.
+
+  Returns:
+    `[Q, depth]` distances in increasing order and `[Q, depth]` int32 column indices.
+  """
+  keys = -distances
+  # top_k orders -0.0 below +0.0 where a sort of the distances sees a tie (broken by index): make zeros one zero.
+  keys = jnp.where(keys == 0, jnp.zeros_like(keys), keys)
+  values, indices = jax.lax.top_k(keys, depth)
+  return -values, indices
+
+
+def ranked_relevance(distances: jax.Array, query_labels: jax.Array, gallery_labels: jax.Array,
+                     gallery_valid: jax.Array | None = None, *, depth: int,
+                     axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Whether each of a query's `depth` nearest gallery images has its label, in rank order, and how many do.
+
+  Ties are broken by gallery index. With `axis_name`, `distances` is this device's block of gallery columns
+  inside `shard_map` (blocks in gallery order along the axis) and both results are for the whole gallery.
+
+  Why a top-`depth` selection: mAP@R needs the positions of the first R correct images, precision@K and
+  Recall@K those within the top K, and all of them lie in the top max(R, K). The whole gallery's top `depth` is
+  inside the union of every shard's top `depth` (an image a shard drops has `depth` images of that shard, with
+  smaller gallery indices among equals, ranked before it), so each shard selects `depth` candidates, the
+  candidates are gathered (`[Q, shards * depth]`, small) and selected once more: exact, with only the
+  candidates crossing devices. Counting the rank of every correct image as `first_hit_rank` counts the first
+  would cost one `[Q, G]` comparison per correct image instead of one top-`depth` selection.
+
+  Args:
+    distances: `[Q, G]` distances of each query to each gallery image (of this shard).
+    query_labels: `[Q]` integer product ids.
+    gallery_labels: `[G]` integer product ids.
+    gallery_valid: optional `[G]` bool; False marks padding that must never be retrieved.
+    depth: how many ranks to report (`ranking_depth`).
+    axis_name: the mesh axis over which the gallery is sharded, or None.
+
+  Returns:
+    `[Q, depth]` bool relevance of the images at ranks 0, 1, ... (False past the end of the gallery) and `[Q]`
+    int32 R, the number of gallery images with the query's label.
+  """
+  local_gallery = distances.shape[1]
+  if gallery_valid is None:
+    gallery_valid = jnp.ones((local_gallery,), bool)
+  positive = (query_labels[:, None] == gallery_labels[None, :]) & gallery_valid[None, :]
+  num_positives = jnp.sum(positive, axis=1, dtype=jnp.int32)
+  # Padding sorts after every real image (a real image at +inf distance is beyond repair anyway).
+  distances = jnp.where(gallery_valid[None, :], distances, jnp.asarray(jnp.inf, distances.dtype))
+  nearest, indices = nearest_first(distances, min(depth, local_gallery))
+  relevance = jnp.take_along_axis(positive, indices, axis=1)
+  if axis_name is not None:
+    num_positives = jax.lax.psum(num_positives, axis_name)
+    nearest = _gather_over(nearest, axis_name)
+    relevance = _gather_over(relevance.astype(jnp.int32), axis_name) > 0
+    _, picked = nearest_first(nearest, min(depth, nearest.shape[1]))
+    relevance = jnp.take_along_axis(relevance, picked, axis=1)
+  relevance = jnp.pad(relevance, ((0, 0), (0, depth - relevance.shape[1])))
+  return relevance, num_positives
+
+
+def _gather_over(x: jax.Array, axis_name: str) -> jax.Array:
+  """`[Q, n]` blocks of the devices on `axis_name` side by side, `[Q, devices * n]`, in device order.
+
+  Among equal distances a lower position is then a lower gallery index. Written as a sum of zero-padded
+  blocks (adding zeros is exact) rather than `all_gather` so that the result is typed as the same on every
+  device, which `shard_map` needs for a replicated output.
+  """
+  num_devices = jax.lax.psum(1, axis_name)
+  slot = jax.lax.axis_index(axis_name)
+  blocks = jnp.zeros((num_devices,) + x.shape, x.dtype).at[slot].set(x)
+  return jnp.moveaxis(jax.lax.psum(blocks, axis_name), 0, 1).reshape(x.shape[0], num_devices * x.shape[1])
+
+
+@functools.partial(jax.jit, static_argnames=("depth", "metric", "chunk_size"))
+def query_relevance(query_emb: jax.Array, query_labels: jax.Array, gallery_emb: jax.Array,
+                    gallery_labels: jax.Array, *, depth: int, metric: str = "euclidean",
+                    chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+  """`ranked_relevance` for every query, a chunk of queries at a time (never the whole `[Q, G]` matrix).
+
+  Args:
+    query_emb: `[Q, D]`; query_labels: `[Q]`; gallery_emb: `[G, D]`; gallery_labels: `[G]`.
+    depth: ranks to report (`ranking_depth`).
+    metric: see `retrieval_distances`.
+    chunk_size: queries per distance block; memory is `chunk_size * G` floats.
+
+  Returns:
+    `[Q, depth]` bool relevance in rank order and `[Q]` int32 R.
+  """
+  num_queries = query_emb.shape[0]
+
+  def relevance_of_chunk(chunk):
+    emb, labels = chunk
+    return ranked_relevance(retrieval_distances(emb, gallery_emb, metric), labels, gallery_labels, depth=depth)
+
+  relevance, num_positives = jax.lax.map(relevance_of_chunk, _pad_queries(query_emb, query_labels, chunk_size))
+  return relevance.reshape(-1, depth)[:num_queries], num_positives.reshape(-1)[:num_queries]
+
+
+@functools.partial(jax.jit, static_argnames=("depth", "chunk_size"))
+def distance_relevance(distances: jax.Array, query_labels: jax.Array, gallery_labels: jax.Array, *, depth: int,
+                       chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+  """`ranked_relevance` of a given `[Q, G]` distance matrix (re-ranked distances), a chunk of rows at a time.
+
+  Args:
+    distances: `[Q, G]` distances, smaller is closer (e.g. `jaxret.rerank.reranked_distances`).
+    query_labels: `[Q]`; gallery_labels: `[G]`.
+    depth: ranks to report (`ranking_depth`).
+    chunk_size: rows per top-`depth` selection.
+
+  Returns:
+    `[Q, depth]` bool relevance in rank order and `[Q]` int32 R.
+  """
+  num_queries = distances.shape[0]
+  chunk_size = max(1, min(chunk_size, num_queries))
+  num_chunks = -(-num_queries // chunk_size)
+  # The last chunk starts early enough to end at the last row (overlapping the one before it), so the matrix,
+  # which can be most of the memory, is never padded into a copy.
+  starts = jnp.minimum(jnp.arange(num_chunks) * chunk_size, num_queries - chunk_size)
+
+  def relevance_of_chunk(start):
+    rows = jax.lax.dynamic_slice_in_dim(distances, start, chunk_size)
+    labels = jax.lax.dynamic_slice_in_dim(query_labels, start, chunk_size)
+    return ranked_relevance(rows, labels, gallery_labels, depth=depth)
+
+  relevance, num_positives = jax.lax.map(relevance_of_chunk, starts)
+  row = jnp.arange(num_queries)
+  chunk = jnp.minimum(row // chunk_size, num_chunks - 1)
+  return relevance[chunk, row - starts[chunk]], num_positives[chunk, row - starts[chunk]]
+
+
+def sharded_query_relevance(query_emb: jax.Array, query_labels: jax.Array, gallery_emb: jax.Array,
+                            gallery_labels: jax.Array, gallery_valid: jax.Array, *, depth: int,
+                            mesh: jax.sharding.Mesh, axis_name: str = "data", metric: str = "euclidean",
+                            chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+  """`query_relevance` with the gallery sharded over the devices of `mesh`, as in `sharded_query_ranks`.
+
+  Args:
+    query_emb: `[Q, D]`, query_labels: `[Q]`, replicated.
+    gallery_emb: `[G, D]`, G divisible by the size of `axis_name`; gallery_labels, gallery_valid: `[G]`
+      (False marks padding).
+    depth: ranks to report (`ranking_depth`).
+    mesh: the device mesh; axis_name: its axis over which the gallery is split.
+    metric: see `retrieval_distances`; chunk_size: queries per distance block.
+
+  Returns:
+    `[Q, depth]` bool relevance in rank order and `[Q]` int32 R, replicated.
+  """
+  num_gallery = gallery_emb.shape[0]
+  if num_gallery % mesh.shape[axis_name]:
+    raise ValueError(f"The gallery ({num_gallery}) must be padded to a multiple of the {mesh.shape[axis_name]} "
+                     "devices; pad it and mark the padding in gallery_valid.")
+  chunk_size = max(1, min(chunk_size, query_emb.shape[0]))
+  num_queries = query_emb.shape[0]
+  relevance, num_positives = _sharded_relevance_fn(mesh, axis_name, metric, depth)(
+      *_pad_queries(query_emb, query_labels, chunk_size), gallery_emb, gallery_labels, gallery_valid)
+  return relevance.reshape(-1, depth)[:num_queries], num_positives.reshape(-1)[:num_queries]
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_relevance_fn(mesh: jax.sharding.Mesh, axis_name: str, metric: str, depth: int):
+  """The jitted `shard_map` of `sharded_query_relevance`, built once per mesh and depth."""
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+
+  def relevance_on_shard(queries, labels, gallery, gallery_labels, valid, centre):
+
+    def relevance_of_chunk(chunk):
+      emb, chunk_labels = chunk
+      return ranked_relevance(retrieval_distances(emb, gallery, metric, centre), chunk_labels, gallery_labels,
+                              valid, depth=depth, axis_name=axis_name)
+
+    return jax.lax.map(relevance_of_chunk, (queries, labels))
+
+  sharded = jax.shard_map(relevance_on_shard, mesh=mesh,
+                          in_specs=(P(), P(), P(axis_name), P(axis_name), P(axis_name), P()),
+                          out_specs=(P(), P()))
+  # One centre for all shards, as in `_sharded_ranks_fn`.
+  return jax.jit(lambda queries, labels, gallery, gallery_labels, valid: sharded(
+      queries, labels, gallery, gallery_labels, valid, gallery[0]))
+
+
+def ranking_depth(query_labels: np.ndarray, gallery_labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
+                  gallery_valid: np.ndarray | None = None) -> int:
+  """How many ranks `metrics_from_relevance` needs: the largest K, or the largest R of any query if larger.
+
+  Computed once on the host from the labels (they do not change between evaluations), because it fixes the
+  shape of the on-device selection.
+
+  Args:
+    query_labels: `[Q]` product ids; gallery_labels: `[G]`; gallery_valid: optional `[G]` bool.
+    ks: the K values of Recall@K and precision@K.
+
+  Returns:
+    max(max(ks), max over queries of R), at least 1.
+  """
+  gallery_labels = np.asarray(gallery_labels)
+  if gallery_valid is not None:
+    gallery_labels = gallery_labels[np.asarray(gallery_valid, bool)]
+  images_of = dict(zip(*(a.tolist() for a in np.unique(gallery_labels, return_counts=True))))
+  largest_r = max((images_of.get(label, 0) for label in np.unique(query_labels).tolist()), default=0)
+  return max(1, max(int(k) for k in ks), largest_r)
+
+
+def metrics_from_relevance(relevance: np.ndarray, num_positives: np.ndarray, ks: Sequence[int] = DEFAULT_KS, *,
+                           query_categories: np.ndarray | None = None,
+                           category_names: Mapping[int, str] | Sequence[str] | None = None) -> dict[str, float]:
+  """Recall@K, precision@K, mAP@R, R-precision and Recall@K per category from the top of every ranking.
+
+  With rel_i (i = 1, 2, ...) the relevance of a query's i-th nearest gallery image, R the number of gallery
+  images of its product and P@i = (1/i) sum_{j <= i} rel_j:
+    - Recall@K = 1 if any rel_i = 1 for i <= K (the In-shop protocol);
+    - precision@K = P@K;
+    - R-precision = P@R;
+    - mAP@R = (1/R) sum_{i <= R} rel_i P@i;
+  each averaged over the queries. A query with R = 0 counts as 0 in every one (a miss, as in Recall@K).
+  Recall@K per category averages Recall@K over the queries of each category.
+
+  Args:
+    relevance: `[Q, depth]` bool, rank order (`query_relevance`, `sharded_query_relevance`,
+      `distance_relevance`); depth >= max(ks) and >= max R (`ranking_depth`).
+    num_positives: `[Q]` R of each query.
+    ks: the K values of Recall@K and precision@K.
+    query_categories: optional `[Q]` integer category of each query, for Recall@K per category.
+    category_names: optional names of the categories (indexed by category id); default the id.
+
+  Returns:
+    Python floats in [0, 1]: `recall@K` and `precision@K` for every K, `map@r`, `r_precision`, and with
+    `query_categories` `recall@K/<category>` for every K and every category that has queries.
+
+  References:
+    Musgrave, Belongie, Lim. A Metric Learning Reality Check. ECCV 2020 (mAP@R, R-precision).
+  """
+  relevance = np.asarray(relevance, bool)
+  num_positives = np.asarray(num_positives, np.int64)
+  ks = [int(k) for k in ks]
+  num_queries, depth = relevance.shape
+  if num_positives.shape != (num_queries,):
+    raise ValueError(f"Expected one R per query ({num_queries}), got shape {num_positives.shape}.")
+  if not ks or min(ks) < 1:
+    raise ValueError(f"ks must be positive integers, got {ks}.")
+  if max(ks) > depth or (num_queries and num_positives.max() > depth):
+    raise ValueError(f"The rankings were read to depth {depth}, but K up to {max(ks)} and R up to "
+                     f"{num_positives.max(initial=0)} need more; get the depth from metrics.ranking_depth.")
+  first_hit = np.where(relevance.any(axis=1), np.argmax(relevance, axis=1), depth)
+  results = {f"recall@{k}": v for k, v in recall_from_ranks(first_hit, ks).items()}
+  # hits[:, i] = number of relevant images among the i nearest.
+  hits = np.concatenate([np.zeros((num_queries, 1), np.int64), np.cumsum(relevance, axis=1)], axis=1)
+  for k in ks:
+    results[f"precision@{k}"] = float(np.mean(hits[:, k] / k))
+  has_positive = num_positives > 0
+  r = np.maximum(num_positives, 1)
+  precision_at = hits[:, 1:] / np.arange(1, depth + 1)
+  within_r = np.arange(1, depth + 1)[None, :] <= num_positives[:, None]
+  average_precision = np.sum(np.where(relevance & within_r, precision_at, 0.0), axis=1) / r
+  results["map@r"] = float(np.mean(np.where(has_positive, average_precision, 0.0)))
+  r_precision = hits[np.arange(num_queries), num_positives] / r
+  results["r_precision"] = float(np.mean(np.where(has_positive, r_precision, 0.0)))
+  if query_categories is not None:
+    query_categories = np.asarray(query_categories)
+    if query_categories.shape != (num_queries,):
+      raise ValueError(f"Expected one category per query ({num_queries}), got shape {query_categories.shape}.")
+    for category in np.unique(query_categories):
+      name = str(category) if category_names is None else category_names[int(category)]
+      for k, recall in recall_from_ranks(first_hit[query_categories == category], ks).items():
+        results[f"recall@{k}/{name}"] = recall
+  return results
+
+
+def _check_retrieval_inputs(query_labels, gallery_labels, ks, *, num_gallery, query_emb=None, gallery_emb=None,
+                            query_categories=None):
+  """One ValueError per kind of bad input to `retrieval_metrics*`, saying what shape was expected."""
+  if query_emb is not None and (query_emb.ndim != 2 or gallery_emb.ndim != 2 or
+                                query_emb.shape[1] != gallery_emb.shape[1]):
+    raise ValueError(f"Expected query [Q, D] and gallery [G, D] embeddings with the same D, got "
+                     f"{query_emb.shape} and {gallery_emb.shape}.")
+  if query_labels.ndim != 1 or gallery_labels.shape != (num_gallery,):
+    raise ValueError(f"Expected one label per query and per gallery image, got {query_labels.shape} query "
+                     f"labels and {gallery_labels.shape} gallery labels for a gallery of {num_gallery}.")
+  if query_categories is not None and np.shape(query_categories) != query_labels.shape:
+    raise ValueError(f"Expected one category per query, got {np.shape(query_categories)} for "
+                     f"{query_labels.shape[0]} queries.")
+  if not ks or any(int(k) < 1 for k in ks):
+    raise ValueError(f"ks must be positive integers, got {ks}.")
+  if query_labels.shape[0] == 0 or num_gallery == 0:
+    raise ValueError("Retrieval metrics need at least one query and one gallery image.")
+
+
+def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks: Sequence[int] = DEFAULT_KS,
+                      metric: str = "euclidean", *, query_categories=None,
+                      category_names: Mapping[int, str] | Sequence[str] | None = None,
+                      chunk_size: int = 1024) -> dict[str, float]:
+  """Every retrieval metric the trainer logs, from one exact on-device ranking (see `metrics_from_relevance`).
+
+  Args:
+    query_emb: `[Q, D]` query embeddings; query_labels: `[Q]` integer product ids.
+    gallery_emb: `[G, D]` gallery embeddings; gallery_labels: `[G]` integer product ids.
+    ks: the K values of Recall@K and precision@K.
+    metric: "euclidean" or "cosine".
+    query_categories: optional `[Q]` integer categories, for Recall@K per category.
+    category_names: optional names of the categories (indexed by category id).
+    chunk_size: queries per distance block; memory is `chunk_size * G` floats.
+
+  Returns:
+    `{"recall@K", "precision@K", "map@r", "r_precision", "recall@K/<category>"}` as Python floats.
+
+  Example:
+    >>> import numpy as np
+    >>> q = np.array([[0.0, 0.0], [5.0, 5.0]])
+    >>> g = np.array([[0.1, 0.0], [5.0, 5.1], [0.0, 0.2]])
+    >>> m = retrieval_metrics(q, np.array([1, 2]), g, np.array([1, 1, 2]), ks=(1, 2))
+    >>> m["recall@1"], m["precision@2"], m["map@r"], m["r_precision"]
+    (0.5, 0.5, 0.25, 0.25)
+
+  References:
+    Musgrave, Belongie, Lim. A Metric Learning Reality Check. ECCV 2020.
+  """
+  if metric not in METRICS:
+    raise ValueError(f"Unknown metric {metric!r}; use one of {METRICS}.")
+  query_emb, gallery_emb = jnp.asarray(query_emb), jnp.asarray(gallery_emb)
+  query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
+  _check_retrieval_inputs(query_labels, gallery_labels, ks, num_gallery=gallery_emb.shape[0], query_emb=query_emb,
+                          gallery_emb=gallery_emb, query_categories=query_categories)
+  if query_labels.shape[0] != query_emb.shape[0]:
+    raise ValueError(f"Expected one label per query, got {query_labels.shape[0]} for {query_emb.shape[0]}.")
+  depth = ranking_depth(query_labels, gallery_labels, ks)
+  relevance, num_positives = query_relevance(
+      query_emb, jnp.asarray(query_labels), gallery_emb, jnp.asarray(gallery_labels), depth=depth, metric=metric,
+      chunk_size=max(1, min(chunk_size, query_emb.shape[0])))
+  return metrics_from_relevance(np.asarray(relevance), np.asarray(num_positives), ks,
+                                query_categories=query_categories, category_names=category_names)
+
+
+def retrieval_metrics_from_distances(distances, query_labels, gallery_labels, ks: Sequence[int] = DEFAULT_KS, *,
+                                     query_categories=None,
+                                     category_names: Mapping[int, str] | Sequence[str] | None = None,
+                                     chunk_size: int = 1024) -> dict[str, float]:
+  """`retrieval_metrics` of a given `[Q, G]` distance matrix, e.g. re-ranked (`jaxret.rerank`).
+
+  Args:
+    distances: `[Q, G]`, smaller is closer.
+    query_labels: `[Q]`; gallery_labels: `[G]`; ks, query_categories, category_names: see `retrieval_metrics`.
+    chunk_size: rows per top-`depth` selection.
+
+  Returns:
+    The same dict as `retrieval_metrics`.
+  """
+  distances = jnp.asarray(distances)
+  query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
+  if distances.ndim != 2:
+    raise ValueError(f"Expected a [Q, G] distance matrix, got shape {distances.shape}.")
+  _check_retrieval_inputs(query_labels, gallery_labels, ks, num_gallery=distances.shape[1],
+                          query_categories=query_categories)
+  if query_labels.shape[0] != distances.shape[0]:
+    raise ValueError(f"Expected one label per row of distances, got {query_labels.shape[0]} for "
+                     f"{distances.shape[0]}.")
+  depth = ranking_depth(query_labels, gallery_labels, ks)
+  relevance, num_positives = distance_relevance(distances, jnp.asarray(query_labels), jnp.asarray(gallery_labels),
+                                                depth=depth, chunk_size=chunk_size)
+  return metrics_from_relevance(np.asarray(relevance), np.asarray(num_positives), ks,
+                                query_categories=query_categories, category_names=category_names)
 
 
 def recall_at_k(query_emb, query_labels, gallery_emb, gallery_labels, ks: Sequence[int] = DEFAULT_KS,
