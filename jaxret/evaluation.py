@@ -14,6 +14,7 @@ import numpy as np
 from jaxret import embedding
 from jaxret import input_pipeline
 from jaxret import metrics
+from jaxret import rerank
 from jaxret import sharding
 
 SPLITS = ("query", "gallery")
@@ -58,6 +59,11 @@ class Evaluator:
     gallery_labels[:num_gallery] = self.indexes["gallery"].item_ids
     self.gallery_labels = sharding.global_from_host(gallery_labels, data)
     self.gallery_valid = sharding.global_from_host(np.arange(padded_gallery) < num_gallery, data)
+    # The ranks that mAP@R, R-precision and precision@K need (fixed by the labels, so computed once).
+    self.depth = metrics.ranking_depth(self.indexes["query"].item_ids, self.indexes["gallery"].item_ids,
+                                       config.evals.ks)
+    category = builder.info.features["category"]
+    self.category_names = list(category.names) if hasattr(category, "names") else None
 
   def embed_split_on_device(self, variables: embedding.Variables, split: str) -> jax.Array:
     """`[N_padded, D]` embeddings of a split in record order, split over the devices; rows >= N are padding."""
@@ -68,26 +74,49 @@ class Evaluator:
     return embedding.embed_batches_on_device(self._embed, variables, batches, self.mesh,
                                              desc=f"embedding {split}")
 
+  def _reranked(self, queries: jax.Array, padded_gallery: jax.Array) -> dict[str, float]:
+    """The metrics after `config.evals.rerank`, as `rerank/<metric>` (one device: the gallery is gathered)."""
+    gallery = sharding.host_array(padded_gallery)[:len(self.indexes["gallery"])]
+    distances = rerank.reranked_distances(sharding.host_array(queries), gallery, self.config.evals.rerank,
+                                          metric=self.config.evals.metric)
+    found = metrics.retrieval_metrics_from_distances(
+        distances, self.indexes["query"].item_ids.astype(np.int32),
+        self.indexes["gallery"].item_ids.astype(np.int32), self.config.evals.ks)
+    return {f"rerank/{key}": value for key, value in found.items()}
+
   def embed_split(self, variables: embedding.Variables, split: str) -> np.ndarray:
     """`[N, D]` embeddings of a whole split, in record order, on the host (every process)."""
     return sharding.host_array(self.embed_split_on_device(variables, split))[:len(self.indexes[split])]
 
-  def __call__(self, variables: embedding.Variables) -> tuple[dict[int, float], dict[str, jax.Array], float]:
+  def __call__(self, variables: embedding.Variables
+               ) -> tuple[dict[int, float], dict[str, jax.Array], float, dict[str, float]]:
     """Evaluates the model's variables.
 
     Returns:
-      `(recalls, embeddings, spread)`: Recall@K by K; the padded query and gallery embeddings (device
-      arrays); `embedding_spread` of the queries (below `COLLAPSED_SPREAD` the embedding has collapsed).
+      `(recalls, embeddings, spread, more)`: Recall@K by K; the padded query and gallery embeddings (device
+      arrays); `embedding_spread` of the queries (below `COLLAPSED_SPREAD` the embedding has collapsed);
+      `{"map@r", "r_precision", "precision@K", "category/<name>/recall@1"}` (docs/evaluation.md).
     """
     embeddings = {split: self.embed_split_on_device(variables, split) for split in SPLITS}
     queries = self._real_queries(embeddings["query"])
-    ranks = metrics.sharded_query_ranks(
+    relevance, num_positives = metrics.sharded_query_relevance(
         queries, self.query_labels, embeddings["gallery"], self.gallery_labels, self.gallery_valid,
-        mesh=self.mesh, axis_name=sharding.DATA_AXIS, metric=self.config.evals.metric)
-    recalls = metrics.recall_from_ranks(np.asarray(ranks.addressable_data(0)), self.config.evals.ks)
+        depth=self.depth, mesh=self.mesh, axis_name=sharding.DATA_AXIS, metric=self.config.evals.metric)
+    found = metrics.metrics_from_relevance(
+        np.asarray(relevance.addressable_data(0)), np.asarray(num_positives.addressable_data(0)),
+        self.config.evals.ks, query_categories=self.indexes["query"].categories,
+        category_names=self.category_names)
+    recalls = {int(k): found[f"recall@{int(k)}"] for k in self.config.evals.ks}
+    # Recall@1 per category only (every K for every category would bury the log), as `category/<name>/recall@1`
+    # so that `recall@` keys are always the overall Recall@K.
+    more = {key: value for key, value in found.items() if not key.startswith("recall@")}
+    more.update({f"category/{key[len('recall@1/'):]}/recall@1": value for key, value in found.items()
+                 if key.startswith("recall@1/")})
+    if self.config.evals.get("rerank", "none") != "none":
+      more.update(self._reranked(queries, embeddings["gallery"]))
     if self.config.evals.metric == "cosine":  # Only directions matter: a collapse is one direction for all.
       queries = queries / (jnp.linalg.norm(queries, axis=1, keepdims=True) + 1e-12)
-    return recalls, embeddings, float(np.asarray(embedding_spread(queries).addressable_data(0)))
+    return recalls, embeddings, float(np.asarray(embedding_spread(queries).addressable_data(0))), more
 
 
 def recall_table(recalls: Mapping[int, float], name: str) -> str:

@@ -249,8 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   untrained = next((row["recall@1"] for row in log.evaluations() if row["step"] == 0 and "recall@1" in row), None)
 
   def evaluate(step: int) -> tuple[dict[int, float], dict[str, jax.Array]]:
-    recalls, embeddings, spread = evaluator(state.variables)
-    log.write({"step": step, **{f"recall@{k}": v for k, v in recalls.items()}, "embedding_spread": spread})
+    recalls, embeddings, spread, more = evaluator(state.variables)
+    log.write({"step": step, **{f"recall@{k}": v for k, v in recalls.items()}, **more, "embedding_spread": spread})
     if is_chief:
       tqdm.tqdm.write(f"step {step}: " + ", ".join(f"R@{k} {100 * v:.1f}" for k, v in recalls.items()))
       if step > 0 and spread < evaluation.COLLAPSED_SPREAD:
@@ -335,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpoints.wait()
 
   if recalls is None:  # Resumed a finished run: its evaluation is logged already; recompute it for the table.
-    recalls, embeddings, _ = evaluator(state.variables)
+    recalls, embeddings, _, _ = evaluator(state.variables)
   if is_chief:
     print(evaluation.recall_table(recalls, f"{config.model.name} ({config.loss.name}, step {config.total_steps})"))
     pictures.plot_curves(log.rows, os.path.join(workdir, "curves.png"))

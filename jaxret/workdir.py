@@ -22,7 +22,7 @@ METRICS_FILE = "metrics.jsonl"
 # Fields that change what is logged, evaluated or kept, not the trained model: accepted on resume.
 HARMLESS_FIELDS = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "data_dir", "input.num_threads",
-    "evals.ks", "evals.metric", "evals.batch_size", "evals.num_pictures",
+    "evals.ks", "evals.metric", "evals.batch_size", "evals.num_pictures", "evals.rerank",
 )
 
 

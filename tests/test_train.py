@@ -80,6 +80,8 @@ def test_smoke_run_in_process_compiles_the_step_once(tmp_path, data_dir, monkeyp
   evals = [r for r in rows if "recall@1" in r]
   assert [r["step"] for r in evals] == [0, 3, 6]  # untrained, every eval_every, and the end
   assert all(0 <= r["recall@1"] <= r["recall@50"] <= 1 for r in evals)
+  assert all(0 <= r["map@r"] <= 1 and 0 <= r["r_precision"] <= 1 and "precision@10" in r for r in evals)
+  assert any(key.startswith("category/") and key.endswith("/recall@1") for key in evals[-1])
   assert result["recall@1"] == evals[-1]["recall@1"]
   assert result["loss"] == [r["loss"] for r in rows if "loss" in r][-1]
   for picture in ("retrievals.png", "curves.png"):
@@ -88,12 +90,13 @@ def test_smoke_run_in_process_compiles_the_step_once(tmp_path, data_dir, monkeyp
 
 
 def test_smoke_run_on_8_fake_devices(tmp_path, data_dir):
-  completed = run_trainer(tmp_path, data_dir, devices=8)
+  completed = run_trainer(tmp_path, data_dir, "--config.evals.rerank=k_reciprocal", devices=8)
   assert completed.returncode == 0, completed.stdout + completed.stderr
   assert "Untrained network: R@1" in completed.stdout
   assert "| Model | R@1 | R@10 |" in completed.stdout
   rows = read_metrics(tmp_path)
   assert rows[-1]["step"] == 6 and "recall@1" in rows[-1]
+  assert 0 <= rows[-1]["rerank/recall@1"] <= 1 and "rerank/map@r" in rows[-1]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
