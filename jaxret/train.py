@@ -4,6 +4,7 @@ The command line only: flags, the multi-process start-up and `main`. The trainin
 `jaxret.trainer.train_and_evaluate(config, workdir)`, importable without defining any flag.
 """
 
+import re
 import sys
 
 from absl import app
@@ -102,6 +103,21 @@ def main(argv):
     train_and_evaluate(config, _WORKDIR.value, extend_total_steps=_EXTEND_TOTAL_STEPS.value)
   except USER_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
+  except Exception as e:  # Any failure of a multi-process run: first say which process is gone, then the trace.
+    if jax.process_count() > 1:
+      print(peer_failure_line(e), file=sys.stderr, flush=True)
+    raise
+
+
+def peer_failure_line(error: BaseException) -> str:
+  """One line for a multi-process run that failed: which process stopped, as far as the error tells."""
+  text = str(error)
+  lost = sorted({int(n) for n in re.findall(r"task[:_ /]*(\d+)", text)} - {jax.process_index()})
+  who = (f"process {', '.join(map(str, lost))} stopped or cannot be reached" if lost
+         else "another process stopped or the coordinator lost contact with it")
+  return (f"error: process {jax.process_index()} of {jax.process_count()} stops: {who} "
+          f"({type(error).__name__}). Rerun every process with the same command to resume from the last "
+          "checkpoint they all finished.")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,8 @@ def test_a_lost_process_stops_the_other_and_both_resume(tmp_path, data_dir):
   output = processes[0].stdout.read()
   assert processes[0].returncode != 0, output[-3000:]
   assert time.time() - killed_at < 60
+  # One line before the runtime's trace says what happened, whatever the runtime prints after it.
+  assert "error: process 0 of 2 stops:" in output, output[-3000:]
   finished = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
   assert finished and finished[-1] < 24, f"the run was not interrupted: checkpoints {finished}"
 
