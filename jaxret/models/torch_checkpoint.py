@@ -229,9 +229,15 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     FileNotFoundError: no such file.
   """
   path = os.fspath(path)
-  if zipfile.is_zipfile(path):
-    return _read_zip(path)
-  return _read_legacy(path)
+  try:
+    if zipfile.is_zipfile(path):
+      return _read_zip(path)
+    return _read_legacy(path)
+  except CheckpointFormatError:
+    raise
+  except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+          struct.error, zipfile.BadZipFile) as e:
+    raise CheckpointFormatError(f"{path} is not a readable torch.save file ({type(e).__name__}: {e}).") from e
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
