@@ -61,10 +61,16 @@ def abstract_variables(model, shape=(1, 64, 64, 3)):
   return jax.eval_shape(lambda x: model.init(rngs, x, train=False), jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
-def init(model, images, seed=0):
-  # RngBitGenerator keys compile much faster on CPU than threefry; the random bits do not matter here.
-  rngs = {"params": jax.random.key(seed, impl="rbg"), "dropout": jax.random.key(seed + 1, impl="rbg")}
-  return jax.jit(functools.partial(model.init, train=False))(rngs, images)
+def init(model, name):
+  """Variables of the tiny model `name`: the backbone from `tiny_state_dict` (no compilation: converted with
+  NumPy), the head freshly initialised (a small compilation, not the whole network's)."""
+  backbone, _ = import_weights.convert_state_dict(name, tiny_state_dict(name), import_weights.backbone_shapes(name))
+  feature_map = jnp.zeros((1, 1, 1, model.backbone.num_features))
+  head = model.head.init(jax.random.key(0), feature_map, class_token=feature_map[:, 0, 0])
+  variables = {c: {"backbone": jax.tree.map(jnp.asarray, t)} for c, t in backbone.items()}
+  for collection, tree in head.items():
+    variables.setdefault(collection, {})["head"] = tree
+  return variables
 
 
 def tiny_state_dict(name):
@@ -194,8 +200,8 @@ def test_import_backbone_keeps_head_and_round_trips_through_orbax(tmp_path):
   file = tmp_path / "weights.safetensors"
   save_file(tiny_state_dict(name), str(file))
   model = models.get_model(name, bn_neck=True)
-  images = reference.reference_images((2, 32, 32, 3))
-  fresh = init(model, images)
+  fresh = init(model, name)
+  fresh = {c: {**t, "backbone": jax.tree.map(jnp.zeros_like, t["backbone"])} for c, t in fresh.items()}
   loaded = import_weights.import_backbone(name, fresh, file)
   chex.assert_trees_all_equal(loaded["params"]["head"], fresh["params"]["head"])
   chex.assert_trees_all_equal(loaded["batch_stats"]["head"], fresh["batch_stats"]["head"])
@@ -292,7 +298,7 @@ def test_registry_and_keyword_routing():
 def test_contract_training_mode_and_bfloat16():
   images = reference.reference_images((4, 32, 32, 3))
   model = models.get_model("resnet18_tiny", dtype=jnp.bfloat16, bn_neck=True, embedding_dim=16)
-  variables = init(model, images)
+  variables = init(model, "resnet18_tiny")
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
   category = jnp.arange(4)
   (embedding, aux), updates = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
@@ -305,7 +311,7 @@ def test_contract_training_mode_and_bfloat16():
   assert all(jax.tree.leaves(changed))
 
   frozen = models.get_model("resnet18_tiny", freeze_batch_norm=True, embedding_dim=16)
-  variables = init(frozen, images)
+  variables = init(frozen, "resnet18_tiny")
   _, updates = jax.jit(functools.partial(frozen.apply, train=True, mutable=["batch_stats"]))(variables, images)
   chex.assert_trees_all_equal(updates["batch_stats"]["backbone"], variables["batch_stats"]["backbone"])
 
@@ -314,7 +320,7 @@ def test_vit_drop_path_uses_dropout_rng():
   model = models.get_model("vit_s16_tiny", drop_path_rate=0.5)
   images = reference.reference_images((8, 32, 32, 3))
   apply = jax.jit(functools.partial(model.apply, train=True))
-  variables = init(model, images)
+  variables = init(model, "vit_s16_tiny")
   a, _ = apply(variables, images, rngs={"dropout": jax.random.key(0, impl="rbg")})
   b, _ = apply(variables, images, rngs={"dropout": jax.random.key(1, impl="rbg")})
   assert not np.allclose(a, b)
