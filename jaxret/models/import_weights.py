@@ -211,7 +211,7 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray], sh
         f"The weights in {source} do not fit {model_name} ({len(converted)} of "
         f"{sum(len(_flatten(t)) for t in shapes.values())} tensors match):\n  " + "\n  ".join(problems) +
         f"\nIs it a checkpoint of {model_name} (see docs/models.md for the expected files)?")
-  return {c: t for c, t in _unflatten(converted).items()}, dropped
+  return _unflatten(converted), dropped
 
 
 def _read_orbax(model_name: str, directory: str, shapes: Mapping[str, Mapping]) -> dict[str, dict]:
