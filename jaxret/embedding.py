@@ -39,8 +39,9 @@ class RunError(ValueError):
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The keyword arguments of the model: the fields of `config.model` that are set (not None), but `name`."""
-  kwargs = {k: v for k, v in config.model.items() if k != "name" and v is not None}
+  """The keyword arguments of the model: the fields of `config.model` that are set (not None), but `name` and
+  `pretrained`."""
+  kwargs = {k: v for k, v in config.model.items() if k not in models.NOT_MODEL_FIELDS and v is not None}
   if "dtype" in kwargs:
     kwargs["dtype"] = models.resolve_dtype(kwargs["dtype"])
   return kwargs

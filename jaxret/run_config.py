@@ -54,6 +54,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Computation dtype (bfloat16, float32, or auto: bfloat16 on GPU/TPU, float32 on CPU, whose bfloat16
   # convolutions are slow); parameters stay float32.
   config.model.dtype = placeholder(str)
+  # Pretrained backbones (resnet50, densenet121, googlenet, vgg16, vit_s16, ...; docs/models.md).
+  config.model.pretrained = placeholder(str)  # Weights file or converted dir; read by the trainer, not a model kwarg.
+  config.model.embedding_dim = placeholder(int)  # Projection size (512); 0: no projection, the pooled features.
+  config.model.pooling = placeholder(str)  # avg, max, gem (learnable p) or token (ViT class token, vit_s16's default).
+  config.model.gem_p = placeholder(float)  # Initial GeM exponent (3.0).
+  config.model.gem_learnable_p = placeholder(bool)  # Train GeM's p (True).
+  config.model.bn_neck = placeholder(bool)  # BatchNorm on the pooled features before the projection (False).
+  config.model.l2_normalize = placeholder(bool)  # L2-normalise the embedding (True).
+  config.model.freeze_batch_norm = placeholder(bool)  # CNN BatchNorm keeps its (pretrained) statistics (False).
+  config.model.drop_path_rate = placeholder(float)  # ViT stochastic depth of the last block (0.0).
+  config.model.pos_embed_grid = placeholder(int)  # ViT: side of the weights' position-embedding grid (14).
 
   # Every loss has its own section, so that `--config.loss.name=triplet` switches losses from the command
   # line; the section of a loss holds its options with their published defaults (jaxret/losses/, and

@@ -40,6 +40,7 @@ from jaxret import run_config
 from jaxret import samplers
 from jaxret import sharding
 from jaxret import workdir as run_dir
+from jaxret.models import import_weights
 
 
 @flax.struct.dataclass
@@ -242,6 +243,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = restored
     if is_chief:
       print(f"Resumed from the checkpoint of step {start_step} in {workdir}.")
+  elif config.model.get("pretrained"):
+    variables = import_weights.import_backbone(config.model.name, state.variables,
+                                               os.path.expanduser(config.model.pretrained))
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    if is_chief:
+      print(f"Backbone weights of {config.model.name} from {config.model.pretrained}; the head starts fresh.")
   log = run_dir.MetricsLog(workdir, start_step, enabled=is_chief)
 
   step_fn = make_train_step(config, mesh, model, tx, objective)

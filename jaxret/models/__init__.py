@@ -1,6 +1,7 @@
-"""Capsule-network embedders, looked up by name with `get_model(name, **kwargs)`.
+"""Embedders, looked up by name with `get_model(name, **kwargs)`: capsule networks and pretrained backbones.
 
   model = get_model("rccapsnet", num_classes=23, embedding="all")
+  model = get_model("resnet50", embedding_dim=512, pooling="gem")
   variables = model.init({"params": key, "dropout": key}, images, train=False)
   embedding, aux = model.apply(variables, images, train=False)
 
@@ -11,18 +12,27 @@ CPU demo fast. See docs/models.md.
 from collections.abc import Mapping
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxret.models import densenet
+from jaxret.models import googlenet
+from jaxret.models import input_conventions
+from jaxret.models import resnet
+from jaxret.models import vgg
+from jaxret.models import vit
 from jaxret.models.capsnets import CapsNetEmbedder
 from jaxret.models.capsnets import EMBEDDINGS
 from jaxret.models.capsnets import QRCCapsNet
 from jaxret.models.capsnets import RCCapsNet
 from jaxret.models.capsnets import SCCapsNet
 from jaxret.models.capsnets import capsule_embedding
+from jaxret.models.heads import BackboneEmbedder
+from jaxret.models.heads import EmbeddingHead
 
 # Small widths, same structure; momentum 0.9 so that BatchNorm statistics settle within a short demo run.
 _TINY = dict(primary_capsule_types=8, primary_capsule_dim=8, batch_norm_momentum=0.9)
@@ -35,6 +45,57 @@ _MODELS = {
     "rccapsnet_tiny": functools.partial(RCCapsNet, stem_features=16, residual_features=(16, 32), **_TINY),
     "qrccapsnet_tiny": functools.partial(QRCCapsNet, stem_features=16, residual_features=(16, 32), **_TINY),
 }
+
+# --- Backbones with the shared embedding head (issue 15) ---------------------------------------------------
+# Keyword arguments are split between the backbone (architecture, `freeze_batch_norm`) and the head
+# (`embedding_dim`, `pooling`, ...); `dtype` and `param_dtype` go to both.
+
+HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(EmbeddingHead) if f.name not in ("parent", "name"))
+
+
+def _backbone_embedder(backbone, head_defaults=None, **kwargs) -> BackboneEmbedder:
+  head_kwargs = dict(head_defaults or {})
+  head_kwargs.update({k: v for k, v in kwargs.items() if k in HEAD_FIELDS})
+  backbone_kwargs = {k: v for k, v in kwargs.items() if k not in HEAD_FIELDS or k in ("dtype", "param_dtype")}
+  return BackboneEmbedder(backbone=backbone(**backbone_kwargs), head=EmbeddingHead(**head_kwargs))
+
+
+def _backbone(cls, head_defaults=None, **architecture):
+  return functools.partial(_backbone_embedder, functools.partial(cls, **architecture), head_defaults)
+
+
+_TINY_HEAD = dict(embedding_dim=64)
+_VGG16_TINY_LAYERS = tuple(v if v == "M" else v // 16 for v in vgg.VGG16_LAYERS)
+_BACKBONES = {
+    "resnet18": _backbone(resnet.ResNet, stage_sizes=(2, 2, 2, 2), block="basic"),
+    "resnet50": _backbone(resnet.ResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck"),
+    "resnet101": _backbone(resnet.ResNet, stage_sizes=(3, 4, 23, 3), block="bottleneck"),
+    "densenet121": _backbone(densenet.DenseNet),
+    "googlenet": _backbone(googlenet.GoogLeNet),
+    "vgg16": _backbone(vgg.VGG),
+    "vgg16_bn": _backbone(vgg.VGG, batch_norm=True),
+    "vit_s16": _backbone(vit.VisionTransformer, dict(pooling="token")),
+    "resnet18_tiny": _backbone(resnet.ResNet, _TINY_HEAD, stage_sizes=(1, 1, 1, 1), block="basic", width=8),
+    "resnet50_tiny": _backbone(resnet.ResNet, _TINY_HEAD, stage_sizes=(1, 2, 1, 1), block="bottleneck", width=8),
+    "resnet101_tiny": _backbone(resnet.ResNet, _TINY_HEAD, stage_sizes=(1, 1, 3, 1), block="bottleneck",
+                                width=8),
+    "densenet121_tiny": _backbone(densenet.DenseNet, _TINY_HEAD, growth_rate=8, block_config=(2, 2, 2, 2),
+                                  num_init_features=16, bn_size=2),
+    "googlenet_tiny": _backbone(googlenet.GoogLeNet, _TINY_HEAD, channel_divisor=8),
+    "vgg16_tiny": _backbone(vgg.VGG, _TINY_HEAD, layers=_VGG16_TINY_LAYERS),
+    "vgg16_bn_tiny": _backbone(vgg.VGG, _TINY_HEAD, layers=_VGG16_TINY_LAYERS, batch_norm=True),
+    "vit_s16_tiny": _backbone(vit.VisionTransformer, dict(_TINY_HEAD, pooling="token"), embed_dim=32, depth=2,
+                              num_heads=2, pos_embed_grid=2),
+}
+BACKBONE_NAMES = tuple(_BACKBONES)
+_MODELS.update(_BACKBONES)
+
+# How each model's images must be normalised: the convention of the weights docs/models.md recommends
+# (DINO for vit_s16; timm's augreg ViT-S/16 weights take `input_conventions.INCEPTION` instead). The
+# capsule networks train from scratch; they get what the input pipeline has always applied.
+INPUT_CONVENTIONS = {name: input_conventions.IMAGENET for name in _MODELS}
+# --- end of the backbones block ------------------------------------------------------------------------------
+
 MODEL_NAMES = tuple(_MODELS)
 
 
@@ -53,11 +114,22 @@ def get_model(name: str, **kwargs) -> nn.Module:
   return _MODELS[name](**kwargs)
 
 
+# Fields of `config.model` that are not keyword arguments of the model: its name, and the pretrained weights
+# file that the trainer reads into a fresh model (`import_weights.import_backbone`).
+NOT_MODEL_FIELDS = ("name", "pretrained")
+
+
 def model_fields(name: str) -> tuple[str, ...]:
-  """The keyword options of the model `name` (the fields of its Flax module)."""
+  """The keyword options of the model `name`: the fields of its Flax module (for a backbone, those of the
+  backbone and of the embedding head)."""
   factory = _MODELS[name]
-  module = factory.func if isinstance(factory, functools.partial) else factory
-  return tuple(f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name"))
+  if isinstance(factory, functools.partial) and factory.func is _backbone_embedder:
+    backbone = factory.args[0].func
+    fields = [f.name for f in dataclasses.fields(backbone)] + list(HEAD_FIELDS)
+  else:
+    module = factory.func if isinstance(factory, functools.partial) else factory
+    fields = [f.name for f in dataclasses.fields(module)]
+  return tuple(dict.fromkeys(f for f in fields if f not in ("parent", "name")))
 
 
 def resolve_dtype(dtype: str) -> jnp.dtype:
@@ -73,7 +145,7 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
   if name not in _MODELS:
     return [f"config.model.name={name!r} is not a known model; use one of {sorted(MODEL_NAMES)}."]
   fields = model_fields(name)
-  options = {k: v for k, v in model_config.items() if k != "name" and v is not None}
+  options = {k: v for k, v in model_config.items() if k not in NOT_MODEL_FIELDS and v is not None}
   problems = [f"config.model.{k}={v!r} is not an option of model {name}; its options are {sorted(fields)}."
               for k, v in options.items() if k not in fields]
   if "dtype" in options:
@@ -81,6 +153,14 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
       options["dtype"] = resolve_dtype(options["dtype"])
     except TypeError:
       problems.append(f"config.model.dtype={options['dtype']!r} is not a dtype; use float32, bfloat16 or auto.")
+  pretrained = model_config.get("pretrained")
+  if pretrained:
+    if name not in BACKBONE_NAMES:
+      problems.append(f"config.model.pretrained is set, but {name} is not a backbone with importable weights; "
+                      f"use one of {sorted(n for n in BACKBONE_NAMES if not n.endswith('_tiny'))}.")
+    elif not os.path.exists(os.path.expanduser(pretrained)):
+      problems.append(f"config.model.pretrained={pretrained!r}: no such file or folder. jaxret never downloads "
+                      "weights; put the file there (docs/models.md names the file for each backbone).")
   if not problems:
     try:
       get_model(name, **options)
@@ -89,5 +169,6 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
   return problems
 
 
-__all__ = ["MODEL_NAMES", "EMBEDDINGS", "config_problems", "get_model", "model_fields", "resolve_dtype", "CapsNetEmbedder", "SCCapsNet", "RCCapsNet",
-           "QRCCapsNet", "capsule_embedding"]
+__all__ = ["MODEL_NAMES", "EMBEDDINGS", "config_problems", "get_model", "model_fields", "resolve_dtype",
+           "CapsNetEmbedder", "SCCapsNet", "RCCapsNet", "QRCCapsNet", "capsule_embedding", "BACKBONE_NAMES",
+           "BackboneEmbedder", "EmbeddingHead", "HEAD_FIELDS", "INPUT_CONVENTIONS"]
