@@ -54,8 +54,8 @@ MATMUL_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 # One FLOP per output element (when an operand or the result is floating-point).
 ELEMENTWISE_PRIMITIVES = frozenset({
     "add", "add_any", "sub", "mul", "div", "rem", "max", "min", "neg", "abs", "sign", "floor", "ceil",
-    "round", "square", "nextafter", "copysign", "eq", "ne", "lt", "le", "gt", "ge", "select_n", "clamp",
-    "is_finite", "conj", "real", "imag", "reduce_precision", "cumsum", "cumprod", "cummax", "cummin",
+    "round", "square", "nextafter", "copysign", "eq", "ne", "lt", "le", "gt", "ge", "eq_to", "lt_to",
+    "le_to", "select_n", "clamp", "is_finite", "conj", "real", "imag", "reduce_precision", "cumsum", "cumprod", "cummax", "cummin",
 })
 TRANSCENDENTAL_PRIMITIVES = frozenset({
     "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan", "asin", "acos", "atan",
@@ -74,7 +74,7 @@ FREE_PRIMITIVES = frozenset({
     "mesh_cast", "reshard", "pvary", "optimization_barrier", "random_bits", "random_seed", "random_wrap",
     "random_unwrap", "random_fold_in", "random_split", "threefry2x32", "shift_left", "shift_right_logical",
     "shift_right_arithmetic", "and", "or", "not", "xor", "population_count", "clz", "reduce_and",
-    "reduce_or", "reduce_xor", "psum", "pmin", "pmax", "all_gather", "all_to_all", "ppermute",
+    "reduce_or", "reduce_xor", "psum", "psum_invariant", "pmin", "pmax", "all_gather", "all_to_all", "ppermute",
     "psum_scatter", "axis_index", "create_token", "tie_in",
 })
 
