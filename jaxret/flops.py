@@ -55,7 +55,8 @@ MATMUL_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 ELEMENTWISE_PRIMITIVES = frozenset({
     "add", "add_any", "sub", "mul", "div", "rem", "max", "min", "neg", "abs", "sign", "floor", "ceil",
     "round", "square", "nextafter", "copysign", "eq", "ne", "lt", "le", "gt", "ge", "eq_to", "lt_to",
-    "le_to", "select_n", "clamp", "is_finite", "conj", "real", "imag", "reduce_precision", "cumsum", "cumprod", "cummax", "cummin",
+    "le_to", "select_n", "clamp", "is_finite", "conj", "real", "imag", "reduce_precision", "cumsum",
+    "cumprod", "cummax", "cummin",
 })
 TRANSCENDENTAL_PRIMITIVES = frozenset({
     "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan", "asin", "acos", "atan",
