@@ -3,7 +3,7 @@
 Run from the repository root (needs `faiss-cpu`, or `faiss-gpu` on a GPU machine, not a jaxret dependency):
 
   python -m bench.eval                          # D = 128 and 368, 14,218 queries x 12,612 gallery images
-  python -m bench.eval --dims 368 --repeats 5 --chunk_sizes 512,1024,2048
+  python -m bench.eval --dims 368 --repeats 5 --chunk_sizes 128,256,1024
 
 The embeddings are random but clustered like a trained model's: 3,985 products (In-shop's test split), every
 image its product's centre plus Gaussian noise, L2-normalised; the noise grows with D (`default_noise`) so
@@ -79,7 +79,7 @@ def main() -> None:
   parser.add_argument("--dims", default="128,368", help="comma-separated embedding sizes")
   parser.add_argument("--ks", default=",".join(map(str, metrics.DEFAULT_KS)))
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--chunk_sizes", default="1024", help="jaxret query chunk sizes to time")
+  parser.add_argument("--chunk_sizes", default="128", help="jaxret query chunk sizes to time")
   parser.add_argument("--noise", type=float, default=None, help="noise around the product centres "
                       "(default: default_noise(D))")
   parser.add_argument("--faiss", choices=("on", "off"), default="on")

@@ -10,9 +10,12 @@ The step is `jaxret.trainer.make_train_step` itself, the step the trainer runs (
 statistics, spatial dropout, the configured loss), on one batch of random images kept on the device, so the
 input pipeline is not part of the time (see bench/input_pipeline.py for that). After `--warmup` steps, the
 time of `--repeats` windows of `--steps` steps each is taken, each window ending with a sync; `step_ms` is the
-median window divided by its steps. FLOPs per step come from XLA's cost analysis of the compiled step;
-`mfu` = FLOPs per second / the devices' peak, when the peak of the device kind is in `PEAK_TFLOPS` (null
-otherwise, e.g. on CPU), and `roofline_images_per_sec` the rate at that peak or at the memory bandwidth
+median window divided by its steps. FLOPs per step are counted from the step's jaxpr (`jaxret.flops`: the
+same number on every backend, `"flop_source": "jaxpr"`); XLA's cost analysis of the compiled step is printed
+beside it (`xla_flops_per_image`; on a GPU it leaves out the cuDNN convolutions). `mfu` = matmul and
+convolution FLOPs (`matmul_flops_per_image`, 2 per multiply-add) per second / the devices' peak, when the
+peak of the device kind is in `PEAK_TFLOPS` or given with `--peak_tflops` (null otherwise, e.g. on a CPU
+without it), and `roofline_images_per_sec` the rate at that peak or at the memory bandwidth
 (`PEAK_TBPS`) for XLA's "bytes accessed", whichever binds. `--parts` also times the convolutions, the routing
 and the loss separately (each forward + backward, jitted alone). `--compile_only` prints FLOPs, bytes and
 XLA's memory for a configuration without running it (e.g. to size a GPU batch on a CPU).
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxret import flops
 from jaxret import run_config
 from jaxret import embedding
 from jaxret import losses
@@ -171,6 +175,7 @@ class StepRunner:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     step_fn, self.state, self.batch, self.model = build_train_step(config)
+    self.step_fn = step_fn  # for counting FLOPs from its jaxpr
     start = time.perf_counter()
     self.compiled = step_fn.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - start
@@ -181,9 +186,19 @@ class StepRunner:
       self.state, self.metrics = self.compiled(self.state, self.batch)
     jax.block_until_ready((self.state, self.metrics))
 
+  @functools.cached_property
+  def flop_count(self) -> flops.FlopCount:
+    """FLOPs of one step (the global batch) counted from its jaxpr: the same on every backend."""
+    return flops.count_flops(self.step_fn, self.state, self.batch)
+
   @property
   def flops_per_step(self) -> float:
-    return xla_flops(self.compiled)
+    return float(self.flop_count.flops)
+
+  @property
+  def xla_flops_per_step(self) -> float:
+    """XLA's cost analysis, which counts one device's partition of the step: times the devices."""
+    return xla_flops(self.compiled) * jax.device_count()
 
   @property
   def bytes_accessed_per_step(self) -> float:
@@ -222,7 +237,8 @@ def time_parts(config: ml_collections.ConfigDict, state, batch, *, warmup: int =
   of the training step, up to what XLA fuses across the borders in the whole step.
 
   Returns:
-    `{part: {"ms": median wall-clock ms, "cpu_ms": median CPU ms of the process, "flops": XLA FLOPs}}`
+    `{part: {"ms": median wall-clock ms, "cpu_ms": median CPU ms of the process, "flops": FLOPs from the
+    jaxpr, "xla_flops": XLA's cost analysis}}`
     (CPU time is the robust number on a busy CPU machine; on a GPU only `ms` means anything).
   """
   model = embedding.model_from_config(config)
@@ -288,9 +304,10 @@ def time_parts(config: ml_collections.ConfigDict, state, batch, *, warmup: int =
   }
   results = {}
   for name, (fn, args) in parts.items():
-    flops = xla_flops(fn.lower(*args).compile())
+    xla_part_flops = xla_flops(fn.lower(*args).compile())
     wall_ms, cpu_ms = _median_ms(fn, args, warmup, repeats)
-    results[name] = {"ms": wall_ms, "cpu_ms": cpu_ms, "flops": flops}
+    results[name] = {"ms": wall_ms, "cpu_ms": cpu_ms, "flops": float(flops.count_flops(fn, *args).flops),
+                     "xla_flops": xla_part_flops}
   return results
 
 
@@ -329,6 +346,9 @@ def main() -> None:
   parser.add_argument("--dtype", choices=DTYPES, default="float32", help="computation dtype (params float32)")
   parser.add_argument("--parts", action="store_true", help="also time convolutions, routing, loss alone")
   parser.add_argument("--compile_only", action="store_true", help="only FLOPs and XLA memory, no timing")
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="dense peak TFLOP/s of one device for the MFU (default: PEAK_TFLOPS by device kind; "
+                      "needed on a CPU)")
   args = parser.parse_args()
   if min(args.steps, args.repeats, args.image_size, args.batch_size) < 1:
     parser.error("--steps, --repeats, --image_size and --batch_size must be positive.")
@@ -344,7 +364,10 @@ def main() -> None:
     print(json.dumps({"benchmark": "train_step_compile_only", "model": args.model,
                       "image_size": args.image_size,
                       "batch_size": args.batch_size, "dtype": args.dtype, "loss": args.loss,
+                      "flop_source": "jaxpr",
                       "flops_per_image": runner.flops_per_step / args.batch_size,
+                      "matmul_flops_per_image": runner.flop_count.matmul_flops / args.batch_size,
+                      "xla_flops_per_image": runner.xla_flops_per_step / args.batch_size,
                       "bytes_accessed_per_image": runner.bytes_accessed_per_step / args.batch_size,
                       "xla_memory_bytes": runner.memory_bytes, "compile_s": runner.compile_s,
                       "routing": routing_bytes_per_image(config, runner.model),
@@ -355,8 +378,9 @@ def main() -> None:
   step_s = statistics.median(windows) / args.steps
   device = jax.devices()[0]
   flops_per_step = runner.flops_per_step
-  peak = device_peak_flops(device.device_kind, args.dtype)
-  mfu = None if peak is None else flops_per_step / step_s / (peak * jax.device_count())
+  matmul_flops_per_step = float(runner.flop_count.matmul_flops)
+  peak = device_peak_flops(device.device_kind, args.dtype) if args.peak_tflops is None else 1e12 * args.peak_tflops
+  mfu = None if peak is None else matmul_flops_per_step / step_s / (peak * jax.device_count())
   result = {
       "benchmark": "train_step",
       "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
@@ -364,12 +388,15 @@ def main() -> None:
       "images_per_sec": args.batch_size / step_s,
       "step_ms": 1e3 * step_s,
       "step_ms_min": 1e3 * min(windows) / args.steps,
+      "flop_source": "jaxpr",
       "flops_per_image": flops_per_step / args.batch_size,
+      "matmul_flops_per_image": matmul_flops_per_step / args.batch_size,
+      "xla_flops_per_image": runner.xla_flops_per_step / args.batch_size,
       "mfu": mfu,
       "peak_flops_per_device": peak,
       "bytes_accessed_per_image": runner.bytes_accessed_per_step / args.batch_size,
       "roofline_images_per_sec": roofline_images_per_sec(
-          flops_per_step / args.batch_size, runner.bytes_accessed_per_step / args.batch_size,
+          matmul_flops_per_step / args.batch_size, runner.bytes_accessed_per_step / args.batch_size,
           device.device_kind, args.dtype),
       "xla_memory_bytes": runner.memory_bytes,
       "compile_s": runner.compile_s,
@@ -385,13 +412,15 @@ def main() -> None:
     raise FloatingPointError(f"The benchmarked step gave loss {result['loss_value']}.")
   if args.parts:
     result["parts"] = time_parts(config, runner.state, runner.batch, repeats=args.repeats)
-    print("part           median ms    CPU ms   GFLOP")
+    print("part           median ms    CPU ms   GFLOP  XLA GFLOP")
     for name, part in result["parts"].items():
-      print(f"{name:<14} {part['ms']:>9.2f} {part['cpu_ms']:>9.2f} {part['flops'] / 1e9:>7.2f}")
+      print(f"{name:<14} {part['ms']:>9.2f} {part['cpu_ms']:>9.2f} {part['flops'] / 1e9:>7.2f} "
+            f"{part['xla_flops'] / 1e9:>10.2f}")
   print(f"{args.model} {args.image_size}x{args.image_size} batch {args.batch_size} {args.dtype} {args.loss} on "
         f"{jax.device_count()} x {device.device_kind}: {result['images_per_sec']:.1f} images/s, "
-        f"{result['step_ms']:.1f} ms/step, {result['flops_per_image'] / 1e9:.2f} GFLOP/image"
-        + ("" if mfu is None else f", MFU {100 * mfu:.1f}%"))
+        f"{result['step_ms']:.1f} ms/step, {result['flops_per_image'] / 1e9:.2f} GFLOP/image from the jaxpr "
+        f"({result['matmul_flops_per_image'] / 1e9:.2f} in matmuls and convolutions; XLA's cost analysis: "
+        f"{result['xla_flops_per_image'] / 1e9:.2f})" + ("" if mfu is None else f", MFU {100 * mfu:.1f}%"))
   print(json.dumps(result))
 
 

@@ -166,7 +166,7 @@ def main() -> None:
       "window_s": windows, "setup_s": setup_s, "errors": errors,
       "losses": {name: float(c.metrics["loss"]) if name == "jax" else c.loss
                  for name, c in contestants.items()},
-      "flops_per_image": jax_runner.flops_per_step / args.batch_size,
+      "flop_source": "jaxpr", "flops_per_image": jax_runner.flops_per_step / args.batch_size,
       "device": jax.devices()[0].device_kind, "torch_device": str(device),
       "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
       "python": platform.python_version(), "cpu_count": os.cpu_count(),

@@ -142,3 +142,32 @@ def test_euclidean_ranking_is_accurate_for_embeddings_far_from_the_origin():
   want = np.sum((queries[:, None] - gallery[None]) ** 2, axis=-1)
   np.testing.assert_array_equal(np.argmin(got, axis=1), np.argmin(want, axis=1))
   np.testing.assert_allclose(got, want, rtol=1e-3)
+
+
+def test_rank_from_the_positive_table_equals_the_masked_passes():
+  """`first_hit_rank_of_columns` against `first_hit_rank` on grid distances full of exact ties, with queries
+  whose product has no gallery image, and `query_ranks` takes the masked path when a product overflows."""
+  rng = np.random.default_rng(7)
+  distances = rng.integers(0, 5, size=(60, 90)).astype(np.float32)  # ties everywhere, also across labels
+  gallery_labels = rng.integers(0, 25, 90)
+  query_labels = rng.integers(0, 28, 60)  # labels 25..27 are never in the gallery
+  columns, valid, overflow = metrics.positive_columns(query_labels, gallery_labels)
+  assert not bool(overflow)
+  for q in range(60):  # the table lists exactly the gallery images of the query's product, ascending
+    np.testing.assert_array_equal(np.asarray(columns[q])[np.asarray(valid[q])],
+                                  np.flatnonzero(gallery_labels == query_labels[q]))
+  got = metrics.first_hit_rank_of_columns(distances, columns, valid)
+  want = metrics.first_hit_rank(distances, query_labels, gallery_labels)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert np.any(np.asarray(want) == 90) and np.any(np.asarray(want) == 0)
+
+  *_, overflow = metrics.positive_columns(query_labels, gallery_labels, max_positives=2)
+  assert bool(overflow)
+  # 70 gallery images of product 0 (> POSITIVES_PER_QUERY): the masked passes, same ranks as the oracle.
+  gallery = rng.integers(0, 3, size=(100, 2)).astype(np.float32)
+  labels = np.concatenate([np.zeros(70, int), rng.integers(1, 5, 30)])
+  queries = rng.integers(0, 3, size=(20, 2)).astype(np.float32)
+  query_labels = rng.integers(0, 5, 20)
+  ks = (1, 2, 5, 20)
+  got = metrics.recall_at_k(queries, query_labels, gallery, labels, ks=ks, chunk_size=8)
+  assert got == pytest.approx(recall_oracle(queries, query_labels, gallery, labels, ks), abs=1e-9)
