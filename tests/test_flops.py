@@ -16,7 +16,9 @@ import pytest
 
 from jaxret import flops
 from jaxret import run_config
-from jaxret import train
+from jaxret import embedding
+from jaxret import losses
+from jaxret import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -179,15 +181,16 @@ def tiny_config(image_size=32, batch_size=8, model="rccapsnet_tiny"):
 
 def abstract_step(config):
   """The trainer's jitted step and abstract (state, batch): nothing is initialised or compiled."""
-  model = train.model_from_config(config)
-  tx = train.make_optimizer(config)
+  model = embedding.model_from_config(config)
+  objective = losses.objective_from_config(config.loss)
+  tx = trainer.make_optimizer(config, objective)
   batch_size, size = config.input.batch_size, config.input.image_size
   images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
-  state = jax.eval_shape(lambda x: train.create_state(config, model, tx, x), images)
+  context = losses.LossContext(num_classes=batch_size, num_categories=23, embedding_dim=23 * 16)
+  state = jax.eval_shape(lambda: trainer.create_state(config, model, tx, objective, context))
   labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  batch = {"image": images, "item_id": labels, "category": labels}
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_fn=train.make_loss_fn(config),
-                                   seed=0))
+  batch = {"image": images, "item_id": labels, "category": labels, "class_index": labels}
+  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, objective=objective, seed=0))
   forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False)[0])
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return step, state, batch, forward, variables
