@@ -346,7 +346,10 @@ def _error_lines(workdir: str) -> str:
   if not os.path.exists(path):
     return ""
   with open(path, errors="replace") as f:
-    lines = [l.rstrip() for l in f.read().split("\n$ ")[-1].splitlines()[1:] if l.strip()]
+    last_command = f.read().split("\n$ ")[-1]
+  # Progress bars redraw one line with carriage returns: keep what each line showed last.
+  lines = [l.split("\r")[-1].rstrip() for l in last_command.split("\n")[1:]]
+  lines = [l for l in lines if l.strip()]
   starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
   return "\n    ".join(lines[starts[-1]:] if starts else lines[-3:])
 
@@ -568,9 +571,12 @@ def run_suite(suite_spec: str, directory: str, *, print_commands: bool = False, 
         print(f"{prefix} {what} (log: {os.path.join(workdir, LOG_FILE)})", file=out, flush=True)
         returncode = runner.execute(command, workdir)
         if returncode != 0:
-          why = ("stopped by " + signal.Signals(runner.stop_signal).name if runner.stop_signal is not None
-                 else f"failed (exit status {returncode})")
-          unfinished[name] = f"{why}: {_error_lines(workdir) or 'see ' + os.path.join(workdir, LOG_FILE)}"
+          if runner.stop_signal is not None:
+            unfinished[name] = (f"stopped by {signal.Signals(runner.stop_signal).name} (rerun the suite to "
+                                "resume it)")
+          else:
+            unfinished[name] = (f"failed (exit status {returncode}): "
+                                f"{_error_lines(workdir) or 'see ' + os.path.join(workdir, LOG_FILE)}")
           print(f"{prefix} {unfinished[name]}", file=out, flush=True)
           break
       else:
