@@ -493,14 +493,15 @@ def plot_recall_curves(rows: Sequence[Mapping[str, Any]], path: str, title: str)
   from jaxret import pictures  # pylint: disable=g-import-not-at-top  (matplotlib only when plotting)
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(10, 5.5))
-  colours = {}
+  runs = list(dict.fromkeys(row["run"] for row in rows))
+  palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
   for row in rows:
     if row["selection"] not in ("final", "published"):
       continue
     points = [(k, 100 * row[f"recall@{k}"]) for k in KS if row.get(f"recall@{k}") is not None]
     if not points:
       continue
-    colour = colours.setdefault(row["run"], plt.get_cmap("tab20")(len(colours) % 20))
+    colour = palette(runs.index(row["run"]) % palette.N)
     published = row["selection"] == "published"
     style = ":" if published else ("--" if row["protocol"] == "leaky" else "-")
     label = f"{row['run']} ({row['protocol']}{', paper' if published else ''})"
