@@ -2,9 +2,17 @@
 
 The gallery stays split over the devices (`metrics.sharded_query_ranks`), so galleries larger than one
 device's memory are evaluated the same way on one CPU, a GPU or a TPU slice.
+
+`evaluate_run(config, workdir)` (`python -m jaxret.train ... --eval_only`) evaluates a stored run's latest
+checkpoint without training, e.g. under the capsule papers' protocol (`--config.model.embedding=
+label_leaky_eval`) for a run trained and evaluated honestly.
 """
 
 from collections.abc import Mapping
+import json
+import math
+import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +23,18 @@ from jaxret import embedding
 from jaxret import input_pipeline
 from jaxret import metrics
 from jaxret import rerank
+from jaxret import run_config
 from jaxret import sharding
+from jaxret import workdir as run_dir
 
 SPLITS = ("query", "gallery")
 # Below this `embedding_spread` the embeddings sit on one point (float32 distances are then rounding noise).
 COLLAPSED_SPREAD = 1e-6
+# Where `evaluate_run` appends its results, one JSON object per line, in the run's workdir.
+EVAL_ONLY_FILE = "eval_only.jsonl"
+# Fields that `evaluate_run` may change besides `jaxret.workdir.HARMLESS_FIELDS`: they change how a trained
+# model embeds at evaluation, not what was trained (the model's variables are the same in every mode).
+EVAL_ONLY_FIELDS = ("model.embedding",)
 
 
 @jax.jit
@@ -41,12 +56,20 @@ class Evaluator:
   slice, and the labels and padding mask of the padded gallery, already on the devices.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, builder, model, mesh: jax.sharding.Mesh):
+  def __init__(self, config: ml_collections.ConfigDict, builder, model, mesh: jax.sharding.Mesh,
+               splits: Mapping[str, tuple[Any, input_pipeline.SplitIndex]] | None = None):
+    """Args: the run's config, its dataset's builder, the model, the data mesh, and `{"query": (source,
+    index), "gallery": (source, index)}` to evaluate other splits than the dataset's query and gallery (the
+    validation split of `jaxret.validation`)."""
     self.config = config
     self.mesh = mesh
-    self.sources = {split: input_pipeline.read_split(builder, split) for split in SPLITS}
-    self.indexes = {split: input_pipeline.index_split(src, f"indexing {split}")
-                    for split, src in self.sources.items()}
+    if splits is None:
+      self.sources = {split: input_pipeline.read_split(builder, split) for split in SPLITS}
+      self.indexes = {split: input_pipeline.index_split(src, f"indexing {split}")
+                      for split, src in self.sources.items()}
+    else:
+      self.sources = {split: splits[split][0] for split in SPLITS}
+      self.indexes = {split: splits[split][1] for split in SPLITS}
     self._embed = embedding.jit_embed_step(model, mesh)
     replicated = sharding.replicated(mesh)
     data = sharding.data_sharding(mesh)
@@ -126,3 +149,49 @@ def recall_table(recalls: Mapping[int, float], name: str) -> str:
   rule = "|---|" + "---|" * len(ks)
   row = f"| {name} | " + " | ".join(f"{100 * recalls[k]:.1f}" for k in ks) + " |"
   return "\n".join([header, rule, row])
+
+
+def evaluate_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates the latest checkpoint of the run in `workdir` under `config`, without training.
+
+  `config` must be the run's own config but for fields that change only the evaluation: those of
+  `jaxret.workdir.HARMLESS_FIELDS` and `EVAL_ONLY_FIELDS`. The use it exists for: a capsule network trained
+  with `embedding="label"` (masked with the true category in training, the predicted one at evaluation:
+  honest) evaluated again with `embedding="label_leaky_eval"`, the published papers' protocol, which masks
+  query and gallery with their true categories; or the other way round.
+
+  Args:
+    config: the run's config with the evaluation changed.
+    workdir: the run's folder.
+
+  Returns:
+    `{"step", "model.embedding", "evals.metric", "recall@K", ..., "embedding_spread"}`, also appended as one
+    line to `workdir/eval_only.jsonl` (by process 0).
+
+  Raises:
+    embedding.RunError: `workdir` holds no run or no finished checkpoint.
+    workdir.WorkdirError: `config` changes what the stored run trained (listing each field).
+    run_config.ConfigError: a bad config value.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  stored = embedding.load_run_config(workdir)
+  changing, _ = run_dir.config_changes(stored.to_dict(), json.loads(config.to_json()))
+  changing = [line for line in changing if line.split(":")[0] not in EVAL_ONLY_FIELDS]
+  if changing:
+    raise run_dir.WorkdirError(
+        f"--eval_only evaluates the run stored in {workdir}, but this config would train another one:\n  "
+        + "\n  ".join(changing) + f"\nOnly evaluation fields ({', '.join(EVAL_ONLY_FIELDS)}, evals.*) may "
+        f"differ from its {run_dir.CONFIG_FILE}.")
+  run_config.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
+  mesh = sharding.data_mesh()
+  model = embedding.model_from_config(config)
+  step, variables = embedding.restore_variables(workdir, config, model, mesh)
+  builder = input_pipeline.get_builder(config.input.dataset, config.data_dir)
+  recalls, _, spread, more = Evaluator(config, builder, model, mesh)(variables)
+  row = {"step": step, "model.embedding": config.model.embedding, "evals.metric": config.evals.metric,
+         **{f"recall@{k}": v for k, v in recalls.items()}, **more,
+         "embedding_spread": spread if math.isfinite(spread) else None}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, EVAL_ONLY_FILE), "a") as f:
+      f.write(json.dumps(row, allow_nan=False) + "\n")
+  return row

@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.input.num_threads = 4  # Decoding threads per process.
   config.input.crop_scale = (0.6, 1.0)  # Area fraction of the random resized crop.
   config.input.color_jitter = 0.2  # Relative strength of brightness and contrast jitter.
+  # Training products held out as a validation query/gallery split (`val/recall@K`), to choose a step
+  # without the test split; 0: none. See jaxret/validation.py.
+  config.input.validation_products = 0
 
   # The model's keyword arguments; None keeps the default of the model `name` (see docs/models.md). They are
   # declared here so that any of them can be set from the command line (`--config.model.dropout_rate=0.1`).
@@ -191,6 +194,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     problems.append(f"config.evals.metric={config.evals.metric!r} must be one of {list(metrics.METRICS)}.")
   if config.evals.rerank not in rerank.METHODS:
     problems.append(f"config.evals.rerank={config.evals.rerank!r} must be one of {list(rerank.METHODS)}.")
+  validation_products = config.input.get("validation_products", 0)
+  if not isinstance(validation_products, int) or isinstance(validation_products, bool) or validation_products < 0:
+    problems.append(f"config.input.validation_products={validation_products!r} must be a whole number of "
+                    "products, 0 (no validation split) or more.")
   if not config.evals.ks or any(int(k) < 1 for k in config.evals.ks):
     problems.append(f"config.evals.ks={tuple(config.evals.ks)} must be positive.")
   if problems:

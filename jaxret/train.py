@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from jaxret import checkpointing
 from jaxret import embedding
+from jaxret import evaluation
 from jaxret import input_pipeline
 from jaxret import run_config
 from jaxret import trainer
@@ -31,6 +32,11 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _EXTEND_TOTAL_STEPS = flags.DEFINE_bool(
     "extend_total_steps", False, "Resume a run with a larger --config.total_steps than it was started with (the "
     "learning-rate schedule is stretched to the new end); without it a changed total_steps is refused.")
+_EVAL_ONLY = flags.DEFINE_bool(
+    "eval_only", False, "Evaluate the latest checkpoint of --workdir under --config without training, e.g. "
+    "with --config.model.embedding=label_leaky_eval (the capsule papers' protocol) for a run trained with "
+    "embedding=label; the config may differ from the run's only in evaluation fields. Appends the result to "
+    "WORKDIR/eval_only.jsonl.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 30, "A multi-process run stops with an error when a process has not been heard "
@@ -100,7 +106,14 @@ def main(argv):
                          "  python -m jaxret.train --config configs/demo.py --workdir /tmp/jaxret_demo")
   initialize_distributed()
   try:
-    train_and_evaluate(config, _WORKDIR.value, extend_total_steps=_EXTEND_TOTAL_STEPS.value)
+    if _EVAL_ONLY.value:
+      result = evaluation.evaluate_run(config, _WORKDIR.value)
+      if jax.process_index() == 0:
+        recalls = {int(key[len("recall@"):]): value for key, value in result.items() if key.startswith("recall@")}
+        print(evaluation.recall_table(recalls, f"{config.model.name} (embedding {config.model.embedding}, "
+                                               f"step {result['step']}, evaluation only)"))
+    else:
+      train_and_evaluate(config, _WORKDIR.value, extend_total_steps=_EXTEND_TOTAL_STEPS.value)
   except USER_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
   except Exception as e:  # Any failure of a multi-process run: first say which process is gone, then the trace.

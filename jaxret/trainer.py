@@ -10,7 +10,8 @@ same code runs on one CPU, on fake CPU devices, on a GPU and on a TPU slice. Rer
 resumes from the latest checkpoint and gives the result of an uninterrupted run.
 
 Outputs in the workdir: `metrics.jsonl` (one JSON object per line: `step`, `loss`, ...; evaluation lines have
-`recall@K`), `checkpoints/`, `config.json`, `retrievals.png` and `curves.png`.
+`recall@K`, and `val/recall@K` with `config.input.validation_products`), `checkpoints/`, `config.json`,
+`retrievals.png` and `curves.png`.
 """
 
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ from jaxret import pictures
 from jaxret import run_config
 from jaxret import samplers
 from jaxret import sharding
+from jaxret import validation
 from jaxret import workdir as run_dir
 from jaxret.models import import_weights
 
@@ -223,15 +225,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_source = input_pipeline.read_split(builder, "train")
   train_index = input_pipeline.index_split(train_source, "indexing train")
   images_per_product = config.input.images_per_product
-  sampler = samplers.PKSampler(train_index.item_ids, config.input.batch_size // images_per_product,
-                               images_per_product, config.seed)
+  products_per_batch = config.input.batch_size // images_per_product
+  # Products held out for model selection (config.input.validation_products) are never drawn for training.
+  held_out = None
+  if config.input.validation_products:
+    held_out = validation.hold_out_products(train_index.item_ids, config.input.validation_products, config.seed,
+                                            products_per_batch=products_per_batch)
+  training_index = (train_index if held_out is None
+                    else validation.subset_index(train_index, held_out.train_records))
+  sampler = samplers.PKSampler(training_index.item_ids, products_per_batch, images_per_product, config.seed)
+  if held_out is not None:
+    sampler = validation.SubsetSampler(sampler, held_out.train_records, train_index.item_ids)
 
   mesh = sharding.data_mesh()
   replicated = sharding.replicated(mesh)
   model = embedding.model_from_config(config)
   objective = losses.objective_from_config(config.loss)
   tx = make_optimizer(config, objective)
-  state = create_state(config, model, tx, objective, loss_context(config, model, builder, train_index), replicated)
+  state = create_state(config, model, tx, objective, loss_context(config, model, builder, training_index),
+                       replicated)
   if is_chief:
     print(f"Model {config.model.name}: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters; "
           f"{device_count} device(s), global batch {config.input.batch_size}.")
@@ -253,13 +265,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   step_fn = make_train_step(config, mesh, model, tx, objective)
   evaluator = evaluation.Evaluator(config, builder, model, mesh)
+  validator = None
+  if held_out is not None:
+    validator = evaluation.Evaluator(config, builder, model, mesh,
+                                     splits=validation.evaluation_splits(train_source, train_index, held_out))
+    if is_chief:
+      print(f"Validation split: {len(held_out.products)} training products held out "
+            f"({len(held_out.query_records)} queries, {len(held_out.gallery_records)} gallery images).")
   untrained = next((row["recall@1"] for row in log.evaluations() if row["step"] == 0 and "recall@1" in row), None)
 
   def evaluate(step: int) -> tuple[dict[int, float], dict[str, jax.Array]]:
     recalls, embeddings, spread, more = evaluator(state.variables)
-    log.write({"step": step, **{f"recall@{k}": v for k, v in recalls.items()}, **more, "embedding_spread": spread})
+    row = {"step": step, **{f"recall@{k}": v for k, v in recalls.items()}, **more, "embedding_spread": spread}
+    if validator is not None:
+      val_recalls, _, _, val_more = validator(state.variables)
+      row.update({f"val/recall@{k}": v for k, v in val_recalls.items()})
+      row.update({f"val/{k}": v for k, v in val_more.items() if not k.startswith("category/")})
+    log.write(row)
     if is_chief:
-      tqdm.tqdm.write(f"step {step}: " + ", ".join(f"R@{k} {100 * v:.1f}" for k, v in recalls.items()))
+      tqdm.tqdm.write(f"step {step}: " + ", ".join(f"R@{k} {100 * v:.1f}" for k, v in recalls.items())
+                      + (f"; validation R@1 {100 * row['val/recall@1']:.1f}" if "val/recall@1" in row else ""))
       if step > 0 and spread < evaluation.COLLAPSED_SPREAD:
         tqdm.tqdm.write(f"warning: at step {step} the embeddings have collapsed onto one point (their spread is "
                         f"{spread:.1e} of their size): distances between them mean nothing. Lower "

@@ -25,6 +25,10 @@ HARMLESS_FIELDS = (
     "evals.ks", "evals.metric", "evals.batch_size", "evals.num_pictures", "evals.rerank",
 )
 
+# Fields added to the config after runs were stored, with the value that reproduces those runs: a stored
+# config without the field is compared as if it held that value.
+ADDED_FIELDS = {"input.validation_products": 0}
+
 
 class WorkdirError(ValueError):
   """The workdir cannot hold this run (another run is there, or it cannot be written); says what to do."""
@@ -49,9 +53,11 @@ def config_changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[l
   """What differs between a run's stored config and a new one, as `(run-changing, harmless)` lines.
 
   Each line is `field: old -> new`. Sections of losses that neither config uses are not compared, and a field
-  that the stored config lacks (added by a newer jaxret) counts only when set to something other than None.
+  that the stored config lacks (added by a newer jaxret) counts only when set to something other than None
+  (for `ADDED_FIELDS`, other than the value that reproduces the stored run).
   """
   old_flat, new_flat = _flatten(stored), _flatten(new)
+  old_flat = {**{k: v for k, v in ADDED_FIELDS.items() if k in new_flat}, **old_flat}
   sections = _active_loss_sections(stored) | _active_loss_sections(new)
   changing, harmless = [], []
   for field in sorted(set(old_flat) | set(new_flat)):
