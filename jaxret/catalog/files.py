@@ -91,14 +91,15 @@ def _encoded(image) -> bytes:
   return encoded.getvalue()
 
 
-def preprocess(image, image_size: int) -> np.ndarray:
-  """A photo (see `load_image`) as the evaluation input `[S, S, 3]` float32.
+def preprocess(image, size: int) -> np.ndarray:
+  """A photo (see `load_image`) as the embedding step's input: `[size, size, 3]` uint8 pixels.
 
-  Files and bytes go to `input_pipeline.decode_image` as they are, so a catalogue image given as a file
-  gets exactly the embedding it got when its dataset split was indexed.
+  Files and bytes go to `input_pipeline.decode_pixels` as they are, the function that fills the decoded cache
+  of a dataset split, so a catalogue image given as a file gets exactly the embedding it got when its split
+  was indexed (with `size` = `Embedder.input_size`).
   """
   try:
-    return input_pipeline.decode_image(_encoded(image), image_size)
+    return input_pipeline.decode_pixels(_encoded(image), size)
   except ValueError as e:
     where = f" {os.fspath(image)}" if isinstance(image, (str, os.PathLike)) else ""
     raise CatalogError(f"Could not decode the image{where}: {e}") from None
