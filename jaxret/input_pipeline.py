@@ -296,20 +296,23 @@ class PrefetchedBatches(TrainBatches):
 
 
 def host_local_batches(split: decoded_cache.DecodedSplit, sampler: samplers.PKSampler, *, first_step: int,
-                       num_steps: int, process_index: int = 0,
-                       process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                       num_steps: int, process_index: int = 0, process_count: int = 1,
+                       reuse_buffer: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """`cache="host"`: this process's block of each step's batch gathered from the memory-mapped cache.
 
-  One fancy-index copy per step (`np.take`) into a buffer that is reused: the caller must be done with a
-  block (e.g. copied it to the devices) before asking for the next.
+  One fancy-index copy per step (`np.take`), no per-image Python. With `reuse_buffer` every block is written
+  into the same buffer, so the caller must be done with a block (copied it to the devices) before asking for
+  the next; without, each block is a new array.
   """
   block = _process_block(sampler.batch_size, process_index, process_count)
   labels = batch_labels(split.index, sampler)
-  buffer = np.empty((block.stop - block.start, *split.images.shape[1:]), np.uint8)
+  shape = (block.stop - block.start, *split.images.shape[1:])
+  buffer = np.empty(shape, np.uint8) if reuse_buffer else None
   for step in range(first_step, num_steps):
     records = sampler.batch_records(step)[block]
-    np.take(split.images, records, axis=0, out=buffer, mode="clip")  # mode="clip": no temporary copy.
-    yield {"image": buffer, **{key: value[records] for key, value in labels.items()}}
+    out = buffer if reuse_buffer else np.empty(shape, np.uint8)
+    np.take(split.images, records, axis=0, out=out, mode="clip")  # mode="clip": no temporary copy.
+    yield {"image": out, **{key: value[records] for key, value in labels.items()}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +383,11 @@ def train_batches(mode: str, split: decoded_cache.DecodedSplit, sampler: sampler
   if mode == "device":
     return DeviceBatches(split, sampler, mesh, first_step=first_step, num_steps=num_steps, **block)
   if mode == "host":
-    local = host_local_batches(split, sampler, first_step=first_step, num_steps=num_steps, **block)
+    # A CPU "device" may keep using the host array it was given (zero copy), so a reused buffer would change
+    # batches already handed out; other devices copy it into their own memory, and the buffer can be reused.
+    on_cpu = any(device.platform == "cpu" for device in mesh.devices.flat)
+    local = host_local_batches(split, sampler, first_step=first_step, num_steps=num_steps, reuse_buffer=not on_cpu,
+                               **block)
     return PrefetchedBatches(mode, local, mesh, prefetch)
   if mode == "stream":
     if source is None or size is None:
