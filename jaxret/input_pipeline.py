@@ -23,6 +23,7 @@ import dataclasses
 import io
 import os
 import queue
+import sys
 import threading
 import time
 from typing import Any
@@ -241,8 +242,7 @@ def _process_block(global_batch: int, process_index: int, process_count: int) ->
 class PrefetchedBatches(TrainBatches):
   """Process-local batches (NumPy) made by a background thread, put on the devices `prefetch` steps ahead.
 
-  The thread makes the local block of step s + 1 and copies it to the devices while the step s runs; it waits
-  for each copy to finish before making the next block, so a producer may reuse one host buffer.
+  The thread makes the local block of step s + 1 and copies it to the devices while the step s runs.
   """
 
   def __init__(self, mode: str, local_batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
@@ -259,9 +259,10 @@ class PrefetchedBatches(TrainBatches):
   def _run(self, local_batches, mesh) -> None:
     start = time.thread_time()
     try:
-      for local in local_batches:
+      while (local := next(local_batches, None)) is not None:
         batch = sharding.global_batch(local, mesh)
-        jax.block_until_ready(batch)  # The copy is done: the producer may overwrite its buffer.
+        del local  # Only the batch may keep the host buffer (see HostBuffers).
+        jax.block_until_ready(batch)
         self._cpu = time.thread_time() - start
         if not self._put(batch):
           return
@@ -295,24 +296,54 @@ class PrefetchedBatches(TrainBatches):
       self._on_close()
 
 
+class HostBuffers:
+  """Host buffers of one shape for batches: reused once nothing refers to them any more, 64-byte aligned.
+
+  Aligned so that JAX's CPU backend takes them without a copy (it keeps the array and reads it in place);
+  other backends copy them to device memory. Either way the runtime holds a reference while it needs the
+  memory, and so does every batch made from it, so a buffer is reused only when its reference count says
+  that nothing else holds it: batches already handed out never change, and in the steady state the same
+  few buffers (no fresh pages to fault in) serve every step.
+  """
+
+  _ALIGNMENT = 64
+
+  def __init__(self, shape: tuple[int, ...], limit: int = 8):
+    self.shape = shape
+    self._limit = limit
+    self._owners = []  # 1-D uint8 arrays owning the memory; views of them are handed out.
+
+  def get(self) -> np.ndarray:
+    """A free `shape` uint8 buffer (contents undefined)."""
+    for owner in self._owners:
+      # References: this list, the loop variable and getrefcount's argument. Any view, and so any batch
+      # or runtime buffer made from one, refers to the owner through its `base`.
+      if sys.getrefcount(owner) <= 3:
+        return self._view(owner)
+    owner = np.empty(int(np.prod(self.shape)) + self._ALIGNMENT, np.uint8)
+    if len(self._owners) < self._limit:
+      self._owners.append(owner)
+    return self._view(owner)
+
+  def _view(self, owner: np.ndarray) -> np.ndarray:
+    offset = -owner.ctypes.data % self._ALIGNMENT
+    return owner[offset:offset + int(np.prod(self.shape))].reshape(self.shape)
+
+
 def host_local_batches(split: decoded_cache.DecodedSplit, sampler: samplers.PKSampler, *, first_step: int,
-                       num_steps: int, process_index: int = 0, process_count: int = 1,
-                       reuse_buffer: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                       num_steps: int, process_index: int = 0,
+                       process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """`cache="host"`: this process's block of each step's batch gathered from the memory-mapped cache.
 
-  One fancy-index copy per step (`np.take`), no per-image Python. With `reuse_buffer` every block is written
-  into the same buffer, so the caller must be done with a block (copied it to the devices) before asking for
-  the next; without, each block is a new array.
+  One fancy-index copy per step (`np.take`) into a `HostBuffers` buffer, no per-image Python.
   """
   block = _process_block(sampler.batch_size, process_index, process_count)
   labels = batch_labels(split.index, sampler)
-  shape = (block.stop - block.start, *split.images.shape[1:])
-  buffer = np.empty(shape, np.uint8) if reuse_buffer else None
+  buffers = HostBuffers((block.stop - block.start, *split.images.shape[1:]))
   for step in range(first_step, num_steps):
     records = sampler.batch_records(step)[block]
-    out = buffer if reuse_buffer else np.empty(shape, np.uint8)
-    np.take(split.images, records, axis=0, out=out, mode="clip")  # mode="clip": no temporary copy.
-    yield {"image": out, **{key: value[records] for key, value in labels.items()}}
+    image = np.take(split.images, records, axis=0, out=buffers.get(), mode="clip")  # "clip": no temporary.
+    yield {"image": image, **{key: value[records] for key, value in labels.items()}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,11 +414,7 @@ def train_batches(mode: str, split: decoded_cache.DecodedSplit, sampler: sampler
   if mode == "device":
     return DeviceBatches(split, sampler, mesh, first_step=first_step, num_steps=num_steps, **block)
   if mode == "host":
-    # A CPU "device" may keep using the host array it was given (zero copy), so a reused buffer would change
-    # batches already handed out; other devices copy it into their own memory, and the buffer can be reused.
-    on_cpu = any(device.platform == "cpu" for device in mesh.devices.flat)
-    local = host_local_batches(split, sampler, first_step=first_step, num_steps=num_steps, reuse_buffer=not on_cpu,
-                               **block)
+    local = host_local_batches(split, sampler, first_step=first_step, num_steps=num_steps, **block)
     return PrefetchedBatches(mode, local, mesh, prefetch)
   if mode == "stream":
     if source is None or size is None:

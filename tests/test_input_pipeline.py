@@ -1,5 +1,6 @@
 """P x K sampling, the three places training images live (same batches), per-process blocks, eval padding."""
 
+import gc
 import io
 import types
 
@@ -68,18 +69,19 @@ def test_the_cache_modes_give_the_same_batches(tiny, mode, workers):
   sampler = samplers.PKSampler(decoded.index.item_ids, products_per_batch=2, images_per_product=4, seed=3)
   mesh = sharding.data_mesh()
 
-  def batches(first_step):
+  def batches(first_step, hold):
     stream = input_pipeline.train_batches(mode, labels if mode == "stream" else decoded, sampler, mesh,
                                           first_step=first_step, num_steps=6, source=source, size=24,
                                           num_workers=workers)
     assert stream.mode == mode
     try:
-      # Kept on the devices until every step is made: a host buffer reused too early would show here.
-      return [jax.device_get(batch) for batch in list(stream)]
+      if hold:  # Every batch kept on the devices until all are made: a host buffer reused too early shows.
+        return [jax.device_get(batch) for batch in list(stream)]
+      return [jax.device_get(batch) for batch in stream]  # Each dropped at once: its buffer is reused.
     finally:
       stream.close()
 
-  got = batches(first_step=1)
+  got = batches(first_step=1, hold=True)
   assert len(got) == 5
   for step, batch in enumerate(got, start=1):
     records = sampler.batch_records(step)
@@ -94,7 +96,7 @@ def test_the_cache_modes_give_the_same_batches(tiny, mode, workers):
   # Resuming at step 4 gives the steps 4 and 5 of the uninterrupted stream (grain's workers: the same code).
   if workers:
     return
-  for a, b in zip(batches(first_step=4), got[3:], strict=True):
+  for a, b in zip(batches(first_step=4, hold=False), got[3:], strict=True):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
 
@@ -103,10 +105,9 @@ def test_process_blocks_concatenate_to_the_global_batch(tiny):
   _, decoded, labels, source = tiny
   sampler = samplers.PKSampler(decoded.index.item_ids, products_per_batch=2, images_per_product=4, seed=5)
 
-  def host(process_index, process_count):  # With the reused buffer of GPUs and TPUs: each block copied away.
-    return [{k: v.copy() for k, v in batch.items()} for batch in input_pipeline.host_local_batches(
-        decoded, sampler, first_step=0, num_steps=3, process_index=process_index, process_count=process_count,
-        reuse_buffer=True)]
+  def host(process_index, process_count):
+    return list(input_pipeline.host_local_batches(decoded, sampler, first_step=0, num_steps=3,
+                                                  process_index=process_index, process_count=process_count))
 
   def stream(process_index, process_count):
     block = input_pipeline._process_block(8, process_index, process_count)  # pylint: disable=protected-access
@@ -124,6 +125,25 @@ def test_process_blocks_concatenate_to_the_global_batch(tiny):
                                       whole[step][key])
   with pytest.raises(ValueError, match="not divisible by the 3 processes"):
     next(input_pipeline.host_local_batches(decoded, sampler, first_step=0, num_steps=1, process_count=3))
+
+
+def test_host_buffers_are_reused_only_when_nothing_holds_them():
+  mesh = sharding.data_mesh()
+  buffers = input_pipeline.HostBuffers((4, 8, 8, 3))
+  first = buffers.get()
+  assert first.shape == (4, 8, 8, 3) and first.ctypes.data % 64 == 0
+  first[:] = 1
+  address = first.ctypes.data
+  held = sharding.global_batch({"image": first}, mesh)["image"]  # May keep `first`'s memory (CPU: zero copy).
+  jax.block_until_ready(held)
+  del first
+  second = buffers.get()
+  assert second.ctypes.data != address
+  second[:] = 2
+  np.testing.assert_array_equal(np.asarray(held), 1)
+  del second, held
+  gc.collect()  # A jax.Array may let go of its host array only when the cycle collector runs.
+  assert buffers.get().ctypes.data == address  # Nothing holds it any more: reused.
 
 
 def in_memory_split(item_ids, size=4):
