@@ -113,11 +113,11 @@ CACHE_MODES = run_config.CACHE_MODES
 
 def index_split(source, desc: str = "indexing") -> SplitIndex:
   """Reads the labels of every record of `source` (a TFDS data source); the decoded cache keeps them instead."""
-  records = []
+  chunks = []
   chunk = 1024
   for start in tqdm.trange(0, len(source), chunk, desc=desc, leave=False, disable=len(source) < 20_000):
-    records.extend(source.__getitems__(list(range(start, min(start + chunk, len(source))))))
-  return decoded_cache.index_from_labels(decoded_cache.stack_labels(records))
+    chunks.append(decoded_cache.stack_labels(source.__getitems__(list(range(start, min(start + chunk, len(source)))))))
+  return decoded_cache.index_from_labels({key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]})
 
 
 def cache_size(config: ml_collections.ConfigDict) -> int:

@@ -131,6 +131,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
     ({"evals.batch_size": 0}, "config.evals.batch_size=0 must be a positive integer"),
     ({"input.image_size": 0}, "config.input.image_size=0 must be a positive integer"),
     ({"model.embedding": "mean"}, "Unknown embedding 'mean'"),
+    ({"input.cache": "gpu"}, "config.input.cache='gpu' must be one of"),
+    ({"input.cache_memory_fraction": 0.0}, "config.input.cache_memory_fraction=0.0 must be in"),
 ])
 def test_bad_config_stops_before_compiling(tmp_path, overrides, field, monkeypatch):
   monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before the config was checked"))
