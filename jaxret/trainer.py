@@ -9,8 +9,11 @@
 same code runs on one CPU, on fake CPU devices, on a GPU and on a TPU slice. Rerunning on the same workdir
 resumes from the latest checkpoint and gives the result of an uninterrupted run.
 
-Outputs in the workdir: `metrics.jsonl` (one JSON object per line: `step`, `loss`, ...; evaluation lines have
-`recall@K`), `checkpoints/`, `config.json`, `retrievals.png` and `curves.png`.
+Outputs in the workdir: `metrics.jsonl` (one JSON object per line: `step`, `loss`, ..., `images_per_sec` and
+`host_cpu_ms_per_image` (the host's CPU time outside XLA's computations, per image); evaluation lines have
+`recall@K`), `checkpoints/`, `config.json`, `retrievals.png` and `curves.png`. The training images reach the
+step as uint8 pixels from the split's decoded cache (`config.input.cache`: device, host or stream; see
+`jaxret.input_pipeline`) and are augmented inside the step (`jaxret.augment`).
 """
 
 from collections.abc import Mapping
