@@ -271,13 +271,11 @@ class PrefetchedBatches(TrainBatches):
       self._put(e)
 
   def _put(self, item) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
+    """Waits for room in the queue (without polling, which would cost CPU while long steps run)."""
+    if self._stop.is_set():
+      return False
+    self._queue.put(item)
+    return not self._stop.is_set()
 
   def __next__(self) -> dict[str, jax.Array]:
     item = self._queue.get()
@@ -291,7 +289,14 @@ class PrefetchedBatches(TrainBatches):
 
   def close(self) -> None:
     self._stop.set()
-    self._thread.join(timeout=10)
+    deadline = time.monotonic() + 10
+    while self._thread.is_alive() and time.monotonic() < deadline:
+      try:  # Makes room for a blocked put, so that the thread sees the stop.
+        while True:
+          self._queue.get_nowait()
+      except queue.Empty:
+        pass
+      self._thread.join(timeout=0.05)
     if self._on_close is not None:
       self._on_close()
 
