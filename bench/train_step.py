@@ -6,9 +6,10 @@ batch is split over them as in the trainer):
   python -m bench.train_step --model rccapsnet --image_size 64 --batch_size 32 --loss triplet --steps 10
   python -m bench.train_step --model rccapsnet --image_size 256 --batch_size 256 --dtype bfloat16 --parts
 
-The step is `jaxret.trainer.make_train_step` itself, the step the trainer runs (AdamW, gradient clipping, BatchNorm
-statistics, spatial dropout, the configured loss), on one batch of random images kept on the device, so the
-input pipeline is not part of the time (see bench/input_pipeline.py for that). After `--warmup` steps, the
+The step is `jaxret.trainer.make_train_step` itself, the step the trainer runs (the augmentation of the uint8
+pixels on the device, AdamW, gradient clipping, BatchNorm statistics, spatial dropout, the configured loss), on
+one batch of random pixels kept on the device, so the input pipeline is not part of the time (see
+bench/input_pipeline.py and bench/train_e2e.py for that). After `--warmup` steps, the
 time of `--repeats` windows of `--steps` steps each is taken, each window ending with a sync; `step_ms` is the
 median window divided by its steps. FLOPs per step are counted from the step's jaxpr (`jaxret.flops`: the
 same number on every backend, `"flop_source": "jaxpr"`); XLA's cost analysis of the compiled step is printed
@@ -114,8 +115,14 @@ def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[st
   return {"image": image, "item_id": item_id, "category": category, "class_index": item_id}
 
 
+def synthetic_pixels(config: ml_collections.ConfigDict, seed: int = 0) -> np.ndarray:
+  """`[B, C, C, 3]` uint8 noise at the decoded cache's size C: what the trainer's step receives."""
+  size = config.input.cache_size or config.input.image_size
+  return np.random.default_rng(seed).integers(0, 256, (config.input.batch_size, size, size, 3), np.uint8)
+
+
 def build_train_step(config: ml_collections.ConfigDict):
-  """The trainer's jitted step with its initial state and one batch on the devices.
+  """The trainer's jitted step with its initial state and one batch (uint8 pixels) on the devices.
 
   Returns:
     `(step_fn, state, batch, model)`: `step_fn(state, batch) -> (state, metrics)` donates `state`.
@@ -129,7 +136,10 @@ def build_train_step(config: ml_collections.ConfigDict):
       jax.random.key(0), jnp.zeros((1, config.input.image_size, config.input.image_size, 3)))[0][0]).shape[-1]
   context = losses.LossContext(num_classes=products, num_categories=config.model.num_classes, embedding_dim=dim)
   state = trainer.create_state(config, model, tx, objective, context, sharding.replicated(mesh))
-  batch = jax.device_put(synthetic_batch(config, config.seed), sharding.data_sharding(mesh))
+  # uint8 pixels, as the trainer's input gives them: the step's own augmentation (crop, flip, jitter,
+  # normalisation on the device) is part of the time.
+  batch = {**synthetic_batch(config, config.seed), "image": synthetic_pixels(config, config.seed)}
+  batch = jax.device_put(batch, sharding.data_sharding(mesh))
   # The trainer's own jitted step (`python -m jaxret.train` runs exactly this function).
   step_fn = trainer.make_train_step(config, mesh, model, tx, objective)
   return step_fn, state, batch, model

@@ -112,7 +112,9 @@ def main() -> None:
   # Same initial weights and batch on both sides (copied before JAX's first step would not matter for speed).
   params = jax.device_get(jax_runner.state.params)
   batch_stats = jax.device_get(jax_runner.state.batch_stats)
-  host_batch = jax.device_get(jax_runner.batch)
+  # The twin takes normalised float images (the JAX step gets uint8 pixels and augments them on the device,
+  # a few percent of its time at most; see docs/benchmarks.md).
+  host_batch = {**jax.device_get(jax_runner.batch), "image": jax_bench.synthetic_batch(config, config.seed)["image"]}
   variants = {"torch_eager": False}
   if args.compile == "on":
     variants["torch_compile"] = True

@@ -5,7 +5,7 @@ this module:
 
   model = model_from_config(config)
   variables = init_variables(model, config)                  # {"params", "batch_stats"}
-  embeddings = embed_step(variables, images, model=model)    # [B, D] float32, inference mode
+  embeddings = embed_step(variables, pixels, model=model, image_size=64)   # uint8 [B, C, C, 3] -> [B, D]
 
   embedder = Embedder("/tmp/jaxret_demo")                    # latest checkpoint of a training run
   embeddings, index, source = embedder.embed_split("gallery")
@@ -26,10 +26,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import auto as tqdm
 
+from jaxret import augment
 from jaxret import input_pipeline
 from jaxret import metrics
 from jaxret import models
 from jaxret import sharding
+from jaxret.models import input_conventions
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
 
@@ -69,13 +71,17 @@ def init_variables(model, config: ml_collections.ConfigDict, out_sharding=None) 
   return jax.jit(init, out_shardings=out_sharding)()
 
 
-def embed_step(variables: Variables, images: jax.Array, category: jax.Array | None = None, *,
-               model) -> jax.Array:
-  """`[B, H, W, 3]` images to `[B, D]` float32 embeddings, inference mode.
+def embed_step(variables: Variables, pixels: jax.Array, category: jax.Array | None = None, *, model,
+               image_size: int, convention: input_conventions.InputConvention = input_conventions.IMAGENET
+               ) -> jax.Array:
+  """`[B, C, C, 3]` uint8 pixels to `[B, D]` float32 embeddings, inference mode.
 
+  The pixels (a decoded cache's, or `input_pipeline.decode_pixels` of a file) are resized to `image_size` and
+  normalised by the model's input `convention` here, on the device (`augment.eval_images`).
   `category` `[B]` is read only by models that mask with the ground-truth category at evaluation
   (`embedding="label_leaky_eval"`, the capsule papers' protocol); the others ignore it.
   """
+  images = augment.eval_images(pixels, image_size, convention)
   embeddings, _ = model.apply(variables, images, train=False, category=category)
   return embeddings.astype(jnp.float32)
 
@@ -115,10 +121,12 @@ def _concatenate(data_sharding):
   return jax.jit(jnp.concatenate, out_shardings=data_sharding)
 
 
-def jit_embed_step(model, mesh: jax.sharding.Mesh):
-  """`embed_step` jitted over `mesh`: variables replicated, images and embeddings split over the devices."""
+def jit_embed_step(model, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict):
+  """`embed_step` of the config's model, input size and input convention (`models.INPUT_CONVENTIONS`), jitted
+  over `mesh`: variables replicated, pixels and embeddings split over the devices."""
   data = sharding.data_sharding(mesh)
-  return jax.jit(functools.partial(embed_step, model=model),
+  return jax.jit(functools.partial(embed_step, model=model, image_size=config.input.image_size,
+                                   convention=models.INPUT_CONVENTIONS[config.model.name]),
                  in_shardings=(sharding.replicated(mesh), data, data), out_shardings=data)
 
 
@@ -127,6 +135,8 @@ def _variables_fingerprint(config: ml_collections.ConfigDict, variables: Variabl
   digest = hashlib.sha256()
   digest.update(config.model.to_json(sort_keys=True).encode())
   digest.update(f"{config.input.image_size} {config.evals.metric}".encode())
+  if input_pipeline.cache_size(config) != config.input.image_size:  # Resized twice: other embeddings.
+    digest.update(f" decoded at {input_pipeline.cache_size(config)}".encode())
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
     value = sharding.host_array(leaf)
     digest.update(f"{jax.tree_util.keystr(path)} {value.dtype} {value.shape}".encode())
@@ -194,6 +204,7 @@ class Embedder:
     metric: the run's evaluation metric (`config.evals.metric`).
     dim: embedding size D.
     fingerprint: identifies the model config, input size, metric and weights.
+    input_size: side C of the uint8 pixels it embeds (`input_pipeline.cache_size` of the run's config).
   """
 
   def __init__(self, workdir: str):
@@ -209,9 +220,10 @@ class Embedder:
     self.mesh = sharding.data_mesh()
     self.step, self.variables = restore_variables(workdir, self.config, self.model, self.mesh)
     self.fingerprint = _variables_fingerprint(self.config, self.variables)
-    self._embed = jit_embed_step(self.model, self.mesh)
-    size = self.config.input.image_size
-    sample = jax.ShapeDtypeStruct((self.num_devices, size, size, 3), np.float32)
+    self._embed = jit_embed_step(self.model, self.mesh, self.config)
+    self.input_size = input_pipeline.cache_size(self.config)
+    size = self.input_size
+    sample = jax.ShapeDtypeStruct((self.num_devices, size, size, 3), np.uint8)
     self.dim = int(jax.eval_shape(self._embed, self.variables, sample, None).shape[1])
 
   @property
@@ -232,11 +244,16 @@ class Embedder:
     return sharding.host_array(embeddings)[:total]
 
   def embed_images(self, images: np.ndarray) -> np.ndarray:
-    """`[N, S, S, 3]` preprocessed images to `[N, D]` float32 embeddings.
+    """`[N, C, C, 3]` uint8 pixels (C = `input_size`, from `input_pipeline.decode_pixels`) to `[N, D]` float32.
 
     Small N is padded to a power of two times the device count (a few compiled shapes, little wasted work).
     """
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images)
+    if len(images) == 0:
+      return np.zeros((0, self.dim), np.float32)
+    if images.ndim != 4 or images.shape[1:] != (self.input_size, self.input_size, 3) or images.dtype != np.uint8:
+      raise ValueError(f"Expected [N, {self.input_size}, {self.input_size}, 3] uint8 pixels (decode_pixels at "
+                       f"the run's cache size), got {images.dtype} {images.shape}.")
     data = sharding.data_sharding(self.mesh)
     outputs = []
     for start in range(0, len(images), self.batch_size):
@@ -245,7 +262,7 @@ class Embedder:
       while padded < len(chunk):
         padded *= 2
       padded = min(padded, self.batch_size)
-      padded_chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), np.float32)])
+      padded_chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), np.uint8)])
       embeddings = self._embed(self.variables, jax.device_put(padded_chunk, data), None)
       outputs.append(sharding.host_array(embeddings)[:len(chunk)])
     if not outputs:
@@ -263,17 +280,15 @@ class Embedder:
       raise RunError(f"Dataset {self.config.input.dataset} has no split {split!r}; use one of "
                      f"{sorted(builder.info.splits)}.")
     source = input_pipeline.read_split(builder, split)
-    index = input_pipeline.index_split(source, f"indexing {split}")
-    batches = input_pipeline.eval_batches(
-        source, index, image_size=self.config.input.image_size, global_batch=self.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        num_threads=self.config.input.num_threads)
-    return self.embed_batches(batches, len(index), f"embedding {split}"), index, source
+    decoded = input_pipeline.open_decoded_split(self.config, builder, split)
+    batches = input_pipeline.eval_batches(decoded, global_batch=self.batch_size,
+                                          process_index=jax.process_index(), process_count=jax.process_count())
+    return self.embed_batches(batches, len(decoded), f"embedding {split}"), decoded.index, source
 
   def embed_files(self, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """`([N, D] embeddings, [N] bool readable)` of image files; unreadable files get a zero row."""
     batches = input_pipeline.file_batches(
-        paths, image_size=self.config.input.image_size, global_batch=self.batch_size,
+        paths, size=self.input_size, global_batch=self.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
         num_threads=self.config.input.num_threads)
     valid = []

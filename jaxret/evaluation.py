@@ -1,5 +1,8 @@
 """Evaluation of a training state: query and gallery splits embedded across all devices, Recall@K exact.
 
+The images come from the splits' decoded caches (uint8, resized and normalised on the device by the
+embedding step), so an evaluation decodes no JPEG.
+
 The gallery stays split over the devices (`metrics.sharded_query_ranks`), so galleries larger than one
 device's memory are evaluated the same way on one CPU, a GPU or a TPU slice.
 
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxret import decoded_cache
 from jaxret import embedding
 from jaxret import input_pipeline
 from jaxret import metrics
@@ -57,20 +61,18 @@ class Evaluator:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, builder, model, mesh: jax.sharding.Mesh,
-               splits: Mapping[str, tuple[Any, input_pipeline.SplitIndex]] | None = None):
-    """Args: the run's config, its dataset's builder, the model, the data mesh, and `{"query": (source,
-    index), "gallery": (source, index)}` to evaluate other splits than the dataset's query and gallery (the
-    validation split of `jaxret.validation`)."""
+               splits: Mapping[str, decoded_cache.DecodedSplit] | None = None, *, test_split: bool = True):
+    """Args: the run's config, its dataset's builder, the model, the data mesh, the decoded query and gallery
+    splits (opened, and built on first use, from the config when not given), and whether they are the
+    dataset's query and gallery (False for e.g. the validation split of `jaxret.validation`): only then are
+    their JPEG `sources` opened, for pictures."""
     self.config = config
     self.mesh = mesh
-    if splits is None:
-      self.sources = {split: input_pipeline.read_split(builder, split) for split in SPLITS}
-      self.indexes = {split: input_pipeline.index_split(src, f"indexing {split}")
-                      for split, src in self.sources.items()}
-    else:
-      self.sources = {split: splits[split][0] for split in SPLITS}
-      self.indexes = {split: splits[split][1] for split in SPLITS}
-    self._embed = embedding.jit_embed_step(model, mesh)
+    self.sources = {split: input_pipeline.read_split(builder, split) for split in SPLITS} if test_split else None
+    self.splits = dict(splits) if splits else {
+        split: input_pipeline.open_decoded_split(config, builder, split) for split in SPLITS}
+    self.indexes = {split: self.splits[split].index for split in SPLITS}
+    self._embed = embedding.jit_embed_step(model, mesh, config)
     replicated = sharding.replicated(mesh)
     data = sharding.data_sharding(mesh)
     num_queries = len(self.indexes["query"])
@@ -91,9 +93,8 @@ class Evaluator:
   def embed_split_on_device(self, variables: embedding.Variables, split: str) -> jax.Array:
     """`[N_padded, D]` embeddings of a split in record order, split over the devices; rows >= N are padding."""
     batches = input_pipeline.eval_batches(
-        self.sources[split], self.indexes[split], image_size=self.config.input.image_size,
-        global_batch=self.config.evals.batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_threads=self.config.input.num_threads)
+        self.splits[split], global_batch=self.config.evals.batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count())
     return embedding.embed_batches_on_device(self._embed, variables, batches, self.mesh,
                                              desc=f"embedding {split}")
 

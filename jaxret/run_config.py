@@ -14,6 +14,8 @@ from jaxret import models
 from jaxret import rerank
 
 SMOKE_ARG = "smoke"
+# Where the training images live while training (config.input.cache); see jaxret/input_pipeline.py.
+CACHE_MODES = ("device", "host", "stream", "auto")
 
 
 class ConfigError(ValueError):
@@ -31,12 +33,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.input.image_size = 64  # Images are resized (and, in training, randomly cropped) to this square.
   config.input.batch_size = 32  # Global batch: P products x K images, split over all devices.
   config.input.images_per_product = 4  # K; P = batch_size // K.
-  config.input.num_threads = 4  # Decoding threads per process.
-  config.input.crop_scale = (0.6, 1.0)  # Area fraction of the random resized crop.
+  config.input.num_threads = 4  # Threads decoding image files for the catalogue (jaxret.index, jaxret.search).
+  config.input.crop_scale = (0.6, 1.0)  # Area fraction of the random resized crop (done on the device).
   config.input.color_jitter = 0.2  # Relative strength of brightness and contrast jitter.
   # Training products held out as a validation query/gallery split (`val/recall@K`), to choose a step
   # without the test split; 0: none. See jaxret/validation.py.
   config.input.validation_products = 0
+  # Training images: device (replicated on every device), host (memory map), stream (JPEGs decoded while
+  # training), or auto: the first that fits (docs/input_pipeline.md).
+  config.input.cache = "auto"
+  config.input.cache_size = placeholder(int)  # Side of the decoded (cached) images; None: image_size.
+  config.input.cache_dir = placeholder(str)  # Folder for decoded caches; None: decoded/ beside the dataset.
+  config.input.cache_memory_fraction = 0.5  # auto: the most of a device's memory (else RAM) the split may take.
+  config.input.num_workers = placeholder(int)  # Processes decoding JPEGs (cache build, stream); None: per core.
+  config.input.prefetch = 2  # Batches put on the devices ahead of the running step (host, stream).
 
   # The model's keyword arguments; None keeps the default of the model `name` (see docs/models.md). They are
   # declared here so that any of them can be set from the command line (`--config.model.dropout_rate=0.1`).
@@ -157,6 +167,24 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
   return config
 
 
+def input_problems(section: ml_collections.ConfigDict) -> list[str]:
+  """What is wrong with the decoded-cache fields of `config.input` (one sentence each)."""
+  problems = []
+  if section.cache not in CACHE_MODES:
+    problems.append(f"config.input.cache={section.cache!r} must be one of {list(CACHE_MODES)}.")
+  if section.cache_size is not None and (not isinstance(section.cache_size, int) or section.cache_size < 1):
+    problems.append(f"config.input.cache_size={section.cache_size!r} must be a positive integer or None "
+                    "(None: config.input.image_size).")
+  if not 0 < section.cache_memory_fraction <= 1:
+    problems.append(f"config.input.cache_memory_fraction={section.cache_memory_fraction} must be in (0, 1].")
+  if section.num_workers is not None and (not isinstance(section.num_workers, int) or section.num_workers < 0):
+    problems.append(f"config.input.num_workers={section.num_workers!r} must be 0 (decode in this process), a "
+                    "positive integer, or None (one per CPU core).")
+  if not isinstance(section.prefetch, int) or section.prefetch < 1:
+    problems.append(f"config.input.prefetch={section.prefetch!r} must be a positive integer.")
+  return problems
+
+
 def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int = 1) -> None:
   """Raises a ConfigError listing every field that cannot run on `device_count` devices, before anything runs."""
   problems = []
@@ -183,6 +211,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
                       f"{device_count}.")
     elif value % process_count:
       problems.append(f"{field}={value} is not divisible by the {process_count} processes.")
+  problems.extend(input_problems(config.input))
   problems.extend(models.config_problems(config.model))
   problems.extend(losses.config_problems(config.loss))
   for field in ("total_steps", "log_every", "eval_every", "checkpoint_every"):

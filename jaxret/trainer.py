@@ -9,9 +9,12 @@
 same code runs on one CPU, on fake CPU devices, on a GPU and on a TPU slice. Rerunning on the same workdir
 resumes from the latest checkpoint and gives the result of an uninterrupted run.
 
-Outputs in the workdir: `metrics.jsonl` (one JSON object per line: `step`, `loss`, ...; evaluation lines have
+Outputs in the workdir: `metrics.jsonl` (one JSON object per line: `step`, `loss`, ..., `images_per_sec` and
+`host_cpu_ms_per_image` (the host's CPU time outside XLA's computations, per image); evaluation lines have
 `recall@K`, and `val/recall@K` with `config.input.validation_products`), `checkpoints/`, `config.json`,
-`retrievals.png` and `curves.png`.
+`retrievals.png` and `curves.png`. The training images reach the step as uint8 pixels from the split's
+decoded cache (`config.input.cache`: device, host or stream; see `jaxret.input_pipeline`) and are augmented
+inside the step (`jaxret.augment`).
 """
 
 from collections.abc import Mapping
@@ -31,11 +34,13 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import auto as tqdm
 
+from jaxret import augment
 from jaxret import checkpointing
 from jaxret import embedding
 from jaxret import evaluation
 from jaxret import input_pipeline
 from jaxret import losses
+from jaxret import models
 from jaxret import pictures
 from jaxret import run_config
 from jaxret import samplers
@@ -115,26 +120,31 @@ def create_state(config: ml_collections.ConfigDict, model, tx: optax.GradientTra
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: optax.GradientTransformation,
-               objective: losses.objective.Objective, seed: int) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimisation step on a global batch. Pure: dropout and loss randomness are derived from the step.
+               objective: losses.objective.Objective, seed: int,
+               augmentation: augment.Augmentation) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on a global batch. Pure: augmentation, dropout and loss randomness derive from the step.
 
   Args:
     state: the train state.
-    batch: `{"image": [B, H, W, 3], "item_id": [B], "category": [B], "class_index": [B]}`.
+    batch: `{"image": [B, C, C, 3] uint8, "item_id": [B], "category": [B], "class_index": [B]}`; the pixels
+      are augmented here (`augment.train_images`, image b with the key of (seed, step, b)).
     model, tx, objective: the model, the optimizer and the loss(es).
     seed: the run's seed.
+    augmentation: what is done to the pixels before the model sees them.
 
   Returns:
     The new state and `{"loss", "grad_norm", "finite", ...}` scalars (plus the objective's own metrics);
     `finite` is False when the loss, the gradients or the new parameters hold a NaN or an inf.
   """
+  images = augment.train_images(batch["image"], augment.image_keys(seed, state.step, batch["image"].shape[0]),
+                                augmentation)
   dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
   loss_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 3), state.step)
   loss_batch = {**batch, "rng": jax.random.key_data(loss_key)}
 
   def loss_of(trainable):
     (embeddings, aux), updates = model.apply(
-        {"params": trainable["model"], "batch_stats": state.batch_stats}, batch["image"], train=True,
+        {"params": trainable["model"], "batch_stats": state.batch_stats}, images, train=True,
         category=batch["category"], mutable=["batch_stats"], rngs={"dropout": dropout_key})
     value, logged = objective(trainable["loss"], {"embedding": embeddings, **aux}, loss_batch)
     return value, (updates, logged)
@@ -151,11 +161,19 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
   return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **logged}
 
 
+def augmentation_from_config(config: ml_collections.ConfigDict) -> augment.Augmentation:
+  """The training augmentation of `config.input`, normalised by the model's input convention."""
+  return augment.Augmentation(image_size=config.input.image_size, crop_scale=tuple(config.input.crop_scale),
+                              color_jitter=config.input.color_jitter,
+                              convention=models.INPUT_CONVENTIONS[config.model.name])
+
+
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model,
                     tx: optax.GradientTransformation, objective: losses.objective.Objective):
   """`train_step` jitted once over `mesh`: state replicated and donated, the batch split over the devices."""
   replicated = sharding.replicated(mesh)
-  return jax.jit(functools.partial(train_step, model=model, tx=tx, objective=objective, seed=config.seed),
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, objective=objective, seed=config.seed,
+                                   augmentation=augmentation_from_config(config)),
                  in_shardings=(replicated, sharding.data_sharding(mesh)), out_shardings=(replicated, replicated),
                  donate_argnums=0)
 
@@ -222,8 +240,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("dataset prepared")
     builder = input_pipeline.get_builder(config.input.dataset, config.data_dir)
-  train_source = input_pipeline.read_split(builder, "train")
-  train_index = input_pipeline.index_split(train_source, "indexing train")
+  mode, why = input_pipeline.choose_cache(
+      config.input.cache, num_records=builder.info.splits["train"].num_examples,
+      size=input_pipeline.cache_size(config), memory_fraction=config.input.cache_memory_fraction,
+      devices=jax.local_devices())
+  if jax.process_count() > 1:  # Every process must feed the same way ("device" gathers in a global program).
+    mode = input_pipeline.CACHE_MODES[int(multihost_utils.broadcast_one_to_all(
+        np.int32(input_pipeline.CACHE_MODES.index(mode))))]
+  if is_chief:
+    print(f"Training images: cache={mode} ({why}).", flush=True)
+
+  def open_splits():
+    return {"train": input_pipeline.open_decoded_split(config, builder, "train", pixels=mode != "stream"),
+            **{split: input_pipeline.open_decoded_split(config, builder, split) for split in evaluation.SPLITS}}
+
+  # Decoded caches, made on first use: by the chief while the others wait, as for the dataset.
+  splits = open_splits() if is_chief else None
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("decoded caches ready")
+    splits = splits or open_splits()
+  train_index = splits["train"].index
+  train_source = input_pipeline.read_split(builder, "train") if mode == "stream" else None  # JPEGs, for stream.
   images_per_product = config.input.images_per_product
   products_per_batch = config.input.batch_size // images_per_product
   # Products held out for model selection (config.input.validation_products) are never drawn for training.
@@ -264,11 +301,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   log = run_dir.MetricsLog(workdir, start_step, enabled=is_chief)
 
   step_fn = make_train_step(config, mesh, model, tx, objective)
-  evaluator = evaluation.Evaluator(config, builder, model, mesh)
+  evaluator = evaluation.Evaluator(config, builder, model, mesh, {split: splits[split] for split in evaluation.SPLITS})
   validator = None
   if held_out is not None:
-    validator = evaluation.Evaluator(config, builder, model, mesh,
-                                     splits=validation.evaluation_splits(train_source, train_index, held_out))
+    validator = evaluation.Evaluator(
+        config, builder, model, mesh, test_split=False,
+        splits=validation.evaluation_splits(
+            splits["train"], held_out, size=input_pipeline.cache_size(config),
+            source=train_source))
     if is_chief:
       print(f"Validation split: {len(held_out.products)} training products held out "
             f"({len(held_out.query_records)} queries, {len(held_out.gallery_records)} gallery images).")
@@ -300,15 +340,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if is_chief:
       print(f"Untrained network: R@1 = {100 * recalls[min(recalls)]:.1f}%")
 
-  batches = input_pipeline.train_batches(
-      train_source, sampler, image_size=config.input.image_size, first_step=start_step,
-      num_steps=config.total_steps, process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.input.num_threads,
-      augment={"crop_scale": tuple(config.input.crop_scale), "color_jitter": config.input.color_jitter})
+  batches = input_pipeline.train_batches_from_config(
+      config, mode, splits["train"], sampler, mesh, first_step=start_step,
+      source=train_source)
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step",
                        disable=not is_chief, dynamic_ncols=True)
   recalls, embeddings = None, None
-  window_start, window_steps = time.perf_counter(), 0
   pending = []  # (step, metrics) not yet checked for non-finite values: checked before every log and save.
 
   def check_finite() -> None:
@@ -327,44 +364,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           + (f"; the last checkpoint (step {last}) in {checkpoints.directory} is finite." if last is not None
              else "."))
 
-  with checkpointing.StopSignals() as stop:
-    for step in range(start_step + 1, config.total_steps + 1):
-      state, step_metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
-      pending.append((step, step_metrics))
-      window_steps += 1
-      progress.update(1)
-      if step == start_step + 1:  # Leave compilation out of the images/s of the first window.
-        jax.block_until_ready(step_metrics)
-        window_start, window_steps = time.perf_counter(), 0
-      log_now = step % config.log_every == 0 or step == config.total_steps
-      save_now = step % config.checkpoint_every == 0 or step == config.total_steps
-      # In a multi-process run the processes agree on a stop at log steps (a collective), or through JAX's
-      # preemption service; alone, a signal is honoured after the step it arrived in.
-      stop_now = ((jax.process_count() == 1 or log_now) and stop.agreed_stop()) or checkpoints.reached_preemption(step)
-      if log_now or save_now or stop_now:
-        check_finite()  # The only sync with the device between evaluations, with the metrics below.
-      if log_now:
-        host_metrics = {k: v for k, v in jax.device_get(step_metrics).items() if k != "finite"}
-        elapsed = time.perf_counter() - window_start
-        images_per_sec = window_steps * config.input.batch_size / max(elapsed, 1e-9)
-        log.write({"step": step, **host_metrics, "images_per_sec": images_per_sec})
-        progress.set_postfix(loss=f"{float(host_metrics['loss']):.4f}", img_s=f"{images_per_sec:.0f}")
-        window_start, window_steps = time.perf_counter(), 0
-      if save_now or stop_now:
-        checkpoints.save(step, state)
-      if stop_now:
-        checkpoints.wait()
-        progress.close()
-        what = stop.name or "a preemption notice"
-        if is_chief:
-          print(f"Stopped by {what} after step {step}; its checkpoint is saved in {checkpoints.directory}. "
-                "Rerun the same command to resume.")
-        raise SystemExit(128 + (stop.signal_number or signal.SIGTERM))
-      if step % config.eval_every == 0 or step == config.total_steps:
-        recalls, embeddings = evaluate(step)
-        window_start, window_steps = time.perf_counter(), 0
-    progress.close()
-    checkpoints.wait()
+  def host_cpu_seconds() -> float:
+    """CPU time of this loop's thread and the input's threads: the host's work outside XLA's computations."""
+    return time.thread_time() + batches.cpu_seconds()
+
+  window_start, window_cpu, window_steps = time.perf_counter(), host_cpu_seconds(), 0
+  try:
+    with checkpointing.StopSignals() as stop:
+      for step in range(start_step + 1, config.total_steps + 1):
+        state, step_metrics = step_fn(state, next(batches))
+        pending.append((step, step_metrics))
+        window_steps += 1
+        progress.update(1)
+        if step == start_step + 1:  # Leave compilation out of the images/s of the first window.
+          jax.block_until_ready(step_metrics)
+          window_start, window_cpu, window_steps = time.perf_counter(), host_cpu_seconds(), 0
+        log_now = step % config.log_every == 0 or step == config.total_steps
+        save_now = step % config.checkpoint_every == 0 or step == config.total_steps
+        # In a multi-process run the processes agree on a stop at log steps (a collective), or through JAX's
+        # preemption service; alone, a signal is honoured after the step it arrived in.
+        stop_now = ((jax.process_count() == 1 or log_now) and stop.agreed_stop()) or checkpoints.reached_preemption(step)
+        if log_now or save_now or stop_now:
+          check_finite()  # The only sync with the device between evaluations, with the metrics below.
+        if log_now:
+          host_metrics = {k: v for k, v in jax.device_get(step_metrics).items() if k != "finite"}
+          elapsed = time.perf_counter() - window_start
+          images = max(window_steps * config.input.batch_size, 1)
+          images_per_sec = images / max(elapsed, 1e-9)
+          host_cpu_ms_per_image = 1e3 * (host_cpu_seconds() - window_cpu) / images
+          log.write({"step": step, **host_metrics, "images_per_sec": images_per_sec,
+                     "host_cpu_ms_per_image": host_cpu_ms_per_image})
+          progress.set_postfix(loss=f"{float(host_metrics['loss']):.4f}", img_s=f"{images_per_sec:.0f}")
+          window_start, window_cpu, window_steps = time.perf_counter(), host_cpu_seconds(), 0
+        if save_now or stop_now:
+          checkpoints.save(step, state)
+        if stop_now:
+          checkpoints.wait()
+          progress.close()
+          what = stop.name or "a preemption notice"
+          if is_chief:
+            print(f"Stopped by {what} after step {step}; its checkpoint is saved in {checkpoints.directory}. "
+                  "Rerun the same command to resume.")
+          raise SystemExit(128 + (stop.signal_number or signal.SIGTERM))
+        if step % config.eval_every == 0 or step == config.total_steps:
+          recalls, embeddings = evaluate(step)
+          window_start, window_cpu, window_steps = time.perf_counter(), host_cpu_seconds(), 0
+      progress.close()
+      checkpoints.wait()
+  finally:
+    batches.close()
 
   if recalls is None:  # Resumed a finished run: its evaluation is logged already; recompute it for the table.
     recalls, embeddings, _, _ = evaluator(state.variables)

@@ -12,15 +12,14 @@ run, or one on more processes, holds out the same products and splits them the s
   held_out = hold_out_products(train_index.item_ids, num_products=40, seed=config.seed)
   sampler = SubsetSampler(PKSampler(train_index.item_ids[held_out.train_records], P, K, seed),
                           held_out.train_records, len(train_index))
-  splits = evaluation_splits(train_source, train_index, held_out)    # {"query": (source, index), ...}
+  splits = evaluation_splits(train_split, held_out)    # {"query": DecodedSplit, "gallery": DecodedSplit}
 """
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 
-from jaxret import input_pipeline
+from jaxret import decoded_cache
 from jaxret import run_config
 
 # Tag of the random stream that chooses the held-out products (the samplers use 0 and 1, the augmentation 2,
@@ -103,36 +102,60 @@ def hold_out_products(item_ids: np.ndarray, num_products: int, seed: int, *,
                          gallery_records=np.sort(np.concatenate(gallery)).astype(np.int64))
 
 
-class RecordSubset:
-  """Some records of a data source, as a data source of their own (`len`, `[i]`, `__getitems__`).
+class RecordRows:
+  """Rows `records` of a split's images, as an array of their own (`shape`, `len`, `[slice]`, `[indices]`).
 
-  Record i of the subset is record `records[i]` of `source`; nothing is read until asked for.
+  Row i is record `records[i]` of the split: read from its decoded `images` (`[N, S, S, 3]` uint8), or, for
+  a split decoded while training (`config.input.cache="stream"`, no decoded pixels), decoded from the
+  JPEGs of `source` at `size` by `decoded_cache.decode_pixels`, the function that fills the caches.
+  Nothing is read until asked for.
   """
 
-  def __init__(self, source, records: np.ndarray):
-    self.source = source
+  def __init__(self, records: np.ndarray, *, images: np.ndarray | None = None, source=None,
+               size: int | None = None):
+    if (images is None) == (source is None):
+      raise ValueError("Give either the decoded images of the split or its source and a size.")
     self.records = np.asarray(records, np.int64)
+    self.images, self.source = images, source
+    side = images.shape[1] if images is not None else size
+    self.shape = (len(self.records), side, side, 3)
+    self.dtype = np.dtype(np.uint8)
 
   def __len__(self) -> int:
     return len(self.records)
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self.source[int(self.records[index])]
+  def __getitem__(self, key) -> np.ndarray:
+    records = self.records[key]
+    if self.images is not None:
+      return np.asarray(self.images[records])
+    rows = np.atleast_1d(records)
+    pixels = np.stack([decoded_cache.decode_pixels(r["image"], self.shape[1])
+                       for r in self.source.__getitems__([int(i) for i in rows])]) if len(rows) else (
+                           np.zeros((0, *self.shape[1:]), np.uint8))
+    return pixels if np.ndim(records) else pixels[0]
 
-  def __getitems__(self, indices) -> list[dict[str, Any]]:
-    return self.source.__getitems__([int(self.records[i]) for i in indices])
 
-
-def subset_index(index: input_pipeline.SplitIndex, records: np.ndarray) -> input_pipeline.SplitIndex:
+def subset_index(index: decoded_cache.SplitIndex, records: np.ndarray) -> decoded_cache.SplitIndex:
   """The labels of `records` of a split, in that order."""
-  return input_pipeline.SplitIndex(item_ids=index.item_ids[records], categories=index.categories[records],
-                                   image_names=index.image_names[records])
+  return decoded_cache.SplitIndex(
+      item_ids=index.item_ids[records], categories=index.categories[records],
+      image_names=index.image_names[records],
+      features={name: np.asarray(values)[records] for name, values in index.features.items()})
 
 
-def evaluation_splits(train_source, train_index: input_pipeline.SplitIndex,
-                      held_out: HeldOutProducts) -> dict[str, tuple[Any, input_pipeline.SplitIndex]]:
-  """The validation query and gallery as `{"query": (source, index), "gallery": (source, index)}`."""
-  return {split: (RecordSubset(train_source, records), subset_index(train_index, records))
+def evaluation_splits(train: decoded_cache.DecodedSplit, held_out: HeldOutProducts, *, source=None,
+                      size: int | None = None) -> dict[str, decoded_cache.DecodedSplit]:
+  """The validation query and gallery as decoded splits `{"query": ..., "gallery": ...}` of the training split.
+
+  Their pixels are rows of `train.images`; when the training split has no decoded pixels (stream mode),
+  they are decoded from the training split's `source` at `size` when read.
+  """
+  def rows(records):
+    if train.images is not None:
+      return RecordRows(records, images=train.images)
+    return RecordRows(records, source=source, size=size)
+  return {split: decoded_cache.DecodedSplit(path=train.path, index=subset_index(train.index, records),
+                                            images=rows(records))
           for split, records in (("query", held_out.query_records), ("gallery", held_out.gallery_records))}
 
 

@@ -326,7 +326,7 @@ def test_decompression_bombs_are_skipped(run, embedder, splits, tmp_path, capsys
   export_images(gallery_source, gallery_index, range(3), tmp_path / "shop")
   bomb = tmp_path / "shop" / "bomb.png"
   # 60 megapixels in a file of a few kB: above jaxret's limit (50), below Pillow's own (89), so this is the
-  # check of input_pipeline.open_image that refuses it.
+  # check of decoded_cache.open_image that refuses it.
   Image.new("1", (8_000, 7_500)).save(bomb)
   assert bomb.stat().st_size < 200_000
   uri = str(tmp_path / "bombs.db")

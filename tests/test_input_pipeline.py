@@ -1,33 +1,19 @@
-"""P x K sampling, per-process sharding, padding of eval batches and image decoding."""
+"""P x K sampling, the three places training images live (same batches), per-process blocks, eval padding."""
 
+import gc
 import io
+import types
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
 
+from jaxret import decoded_cache
 from jaxret import input_pipeline
 from jaxret import run_config
 from jaxret import samplers
-
-
-def jpeg(colour, size=(40, 30)) -> bytes:
-  buffer = io.BytesIO()
-  Image.new("RGB", size, colour).save(buffer, "JPEG", quality=95)
-  return buffer.getvalue()
-
-
-class FakeSplit(list):
-  """Records like those of a TFDS data source read with SkipDecoding (image as JPEG bytes)."""
-
-  def __getitems__(self, indices):
-    return [self[i] for i in indices]
-
-
-def fake_split(item_ids):
-  """A split whose images encode the record index in their colour."""
-  return FakeSplit([{"image": jpeg((i % 256, (7 * i) % 256, 100)), "item_id": int(item), "category": int(item) % 3,
-           "image_name": f"img/{i}.jpg".encode()} for i, item in enumerate(item_ids)])
+from jaxret import sharding
 
 
 def make_item_ids(num_products=12, images=(1, 2, 3, 5, 8)):
@@ -68,55 +54,155 @@ def test_too_few_products_is_a_config_error():
     samplers.PKSampler(np.array([1, 1, 2, 3]), products_per_batch=2, images_per_product=2, seed=0)
 
 
-def test_train_batches_split_over_processes_equal_the_global_batch():
-  item_ids = make_item_ids()
-  source = fake_split(item_ids)
-  sampler = samplers.PKSampler(item_ids, products_per_batch=2, images_per_product=4, seed=3)
-  kwargs = dict(image_size=16, num_steps=5, num_threads=2)
-  whole = list(input_pipeline.train_batches(source, sampler, first_step=0, **kwargs))
-  assert len(whole) == 5
-  assert whole[0]["image"].shape == (8, 16, 16, 3) and whole[0]["image"].dtype == np.float32
-  for step, batch in enumerate(whole):
-    np.testing.assert_array_equal(batch["item_id"], item_ids[sampler.batch_records(step)])
-  halves = [list(input_pipeline.train_batches(source, sampler, first_step=0, process_index=p, process_count=2,
-                                              **kwargs)) for p in range(2)]
-  for step in range(5):
-    for key in ("image", "item_id", "category"):
-      np.testing.assert_array_equal(np.concatenate([halves[0][step][key], halves[1][step][key]]),
-                                    whole[step][key])
-  # Resuming at step 3 gives the same batches (augmentation included) as the uninterrupted run.
-  resumed = list(input_pipeline.train_batches(source, sampler, first_step=3, **kwargs))
-  assert len(resumed) == 2
-  for a, b in zip(resumed, whole[3:]):
-    np.testing.assert_array_equal(a["image"], b["image"])
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """The tiny synthetic dataset: `(builder, train split decoded at 24x24, its labels only, its records)`."""
+  builder = input_pipeline.get_builder("synthetic_inshop/tiny", str(tmp_path_factory.mktemp("tfds")))
+  decoded = decoded_cache.open_split(builder, "train", 24, num_workers=0)
+  labels = decoded_cache.open_split(builder, "train", None, num_workers=0)
+  return builder, decoded, labels, input_pipeline.read_split(builder, "train")
+
+
+@pytest.mark.parametrize("mode,workers", [("device", None), ("host", None), ("stream", 0), ("stream", 1)])
+def test_the_cache_modes_give_the_same_batches(tiny, mode, workers):
+  builder, decoded, labels, source = tiny
+  sampler = samplers.PKSampler(decoded.index.item_ids, products_per_batch=2, images_per_product=4, seed=3)
+  mesh = sharding.data_mesh()
+
+  def batches(first_step, hold):
+    stream = input_pipeline.train_batches(mode, labels if mode == "stream" else decoded, sampler, mesh,
+                                          first_step=first_step, num_steps=6, source=source, size=24,
+                                          num_workers=workers)
+    assert stream.mode == mode
+    try:
+      if hold:  # Every batch kept on the devices until all are made: a host buffer reused too early shows.
+        return [jax.device_get(batch) for batch in list(stream)]
+      return [jax.device_get(batch) for batch in stream]  # Each dropped at once: its buffer is reused.
+    finally:
+      stream.close()
+
+  got = batches(first_step=1, hold=True)
+  assert len(got) == 5
+  for step, batch in enumerate(got, start=1):
+    records = sampler.batch_records(step)
+    assert batch["image"].shape == (8, 24, 24, 3) and batch["image"].dtype == np.uint8
+    np.testing.assert_array_equal(batch["image"], decoded.images[records])
+    np.testing.assert_array_equal(batch["item_id"], decoded.index.item_ids[records])
+    np.testing.assert_array_equal(batch["category"], decoded.index.categories[records])
+    np.testing.assert_array_equal(batch["class_index"], sampler.class_indices[records])
+  # The cache holds exactly what decoding the records gives (stream decodes them while training).
+  first = sampler.batch_records(1)[0]
+  np.testing.assert_array_equal(got[0]["image"][0], input_pipeline.decode_pixels(source[int(first)]["image"], 24))
+  # Resuming at step 4 gives the steps 4 and 5 of the uninterrupted stream (grain's workers: the same code).
+  if workers:
+    return
+  for a, b in zip(batches(first_step=4, hold=False), got[3:], strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_process_blocks_concatenate_to_the_global_batch(tiny):
+  _, decoded, labels, source = tiny
+  sampler = samplers.PKSampler(decoded.index.item_ids, products_per_batch=2, images_per_product=4, seed=5)
+
+  def host(process_index, process_count):
+    return list(input_pipeline.host_local_batches(decoded, sampler, first_step=0, num_steps=3,
+                                                  process_index=process_index, process_count=process_count))
+
+  def stream(process_index, process_count):
+    block = input_pipeline._process_block(8, process_index, process_count)  # pylint: disable=protected-access
+    decode = input_pipeline.DecodeStepBlock(source, sampler, input_pipeline.batch_labels(labels.index, sampler),
+                                            block, 24)
+    return [decode(step) for step in range(3)]
+
+  for local_batches in (host, stream):
+    whole = local_batches(0, 1)
+    halves = [local_batches(p, 2) for p in range(2)]
+    for step in range(3):
+      assert len(halves[0][step]["image"]) == 4
+      for key in whole[step]:
+        np.testing.assert_array_equal(np.concatenate([halves[0][step][key], halves[1][step][key]]),
+                                      whole[step][key])
+  with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+    next(input_pipeline.host_local_batches(decoded, sampler, first_step=0, num_steps=1, process_count=3))
+
+
+def test_host_buffers_are_reused_only_when_nothing_holds_them():
+  mesh = sharding.data_mesh()
+  buffers = input_pipeline.HostBuffers((4, 8, 8, 3))
+  first = buffers.get()
+  assert first.shape == (4, 8, 8, 3) and first.ctypes.data % 64 == 0
+  first[:] = 1
+  address = first.ctypes.data
+  held = sharding.global_batch({"image": first}, mesh)["image"]  # May keep `first`'s memory (CPU: zero copy).
+  jax.block_until_ready(held)
+  del first
+  second = buffers.get()
+  assert second.ctypes.data != address
+  second[:] = 2
+  np.testing.assert_array_equal(np.asarray(held), 1)
+  del second, held
+  gc.collect()  # A jax.Array may let go of its host array only when the cycle collector runs.
+  assert buffers.get().ctypes.data == address  # Nothing holds it any more: reused.
+
+
+def in_memory_split(item_ids, size=4):
+  """A DecodedSplit held in memory whose image i is filled with i."""
+  num = len(item_ids)
+  images = np.broadcast_to(np.arange(num, dtype=np.uint8)[:, None, None, None], (num, size, size, 3))
+  index = decoded_cache.SplitIndex(np.asarray(item_ids), np.asarray(item_ids) % 3,
+                                   np.array([f"img/{i}.jpg" for i in range(num)]))
+  return decoded_cache.DecodedSplit("in memory", index, images)
 
 
 def test_eval_batches_cover_the_split_in_order_with_padding():
   item_ids = make_item_ids(num_products=5)  # 19 records
-  source = fake_split(item_ids)
-  index = input_pipeline.index_split(source)
-  np.testing.assert_array_equal(index.item_ids, item_ids)
+  split = in_memory_split(item_ids)
   for process_count in (1, 2):
-    per_process = [list(input_pipeline.eval_batches(source, index, image_size=8, global_batch=8,
-                                                    process_index=p, process_count=process_count))
-                   for p in range(process_count)]
-    batches = [np.concatenate([per_process[p][b]["item_id"] for p in range(process_count)])
-               for b in range(len(per_process[0]))]
-    valid = np.concatenate([np.concatenate([per_process[p][b]["valid"] for p in range(process_count)])
-                            for b in range(len(per_process[0]))])
-    assert len(batches) == 3  # ceil(19 / 8)
+    per_process = [list(input_pipeline.eval_batches(split, global_batch=8, process_index=p,
+                                                    process_count=process_count)) for p in range(process_count)]
+    assert all(len(blocks) == 3 for blocks in per_process)  # ceil(19 / 8)
+
+    def joined(key):
+      return np.concatenate([np.concatenate([per_process[p][b][key] for p in range(process_count)])
+                             for b in range(3)])
+
+    valid = joined("valid")
     assert valid.sum() == len(item_ids) and valid[:len(item_ids)].all()
-    np.testing.assert_array_equal(np.concatenate(batches)[:len(item_ids)], item_ids)
+    np.testing.assert_array_equal(joined("item_id")[:len(item_ids)], item_ids)
+    np.testing.assert_array_equal(joined("image")[:len(item_ids), 0, 0, 0], np.arange(len(item_ids)))
+    assert joined("image").dtype == np.uint8 and not joined("image")[len(item_ids):].any()
 
 
-def test_decode_image_normalises_and_augments_deterministically():
-  data = jpeg((255, 0, 0), size=(50, 40))
-  plain = input_pipeline.decode_image(data, 24)
-  assert plain.shape == (24, 24, 3) and plain.dtype == np.float32
-  red = (np.array([1.0, 0.0, 0.0]) - input_pipeline.MEAN_RGB) / input_pipeline.STDDEV_RGB
-  np.testing.assert_allclose(plain.mean(axis=(0, 1)), red, atol=0.05)
-  a = input_pipeline.decode_image(data, 24, np.random.default_rng(1))
-  b = input_pipeline.decode_image(data, 24, np.random.default_rng(1))
-  np.testing.assert_array_equal(a, b)
+def test_decode_pixels_gives_uint8_squares():
+  y, x = np.mgrid[0:30, 0:40]
+  picture = np.stack([x * 6, y * 8, x + y], -1).astype(np.uint8)
+  png = io.BytesIO()
+  Image.fromarray(picture).save(png, "PNG")
+  np.testing.assert_array_equal(input_pipeline.decode_pixels(png.getvalue(), 1000)[:0], np.zeros((0, 1000, 3)))
+  resized = input_pipeline.decode_pixels(png.getvalue(), 24)
+  assert resized.shape == (24, 24, 3) and resized.dtype == np.uint8
+  np.testing.assert_array_equal(resized, np.asarray(Image.fromarray(picture).resize((24, 24), Image.BILINEAR)))
+  square = picture[:, :30]
+  png = io.BytesIO()
+  Image.fromarray(square).save(png, "PNG")
+  np.testing.assert_array_equal(input_pipeline.decode_pixels(png.getvalue(), 30), square)  # Lossless, same size.
   with pytest.raises(ValueError, match="Could not decode"):
-    input_pipeline.decode_image(data[:100], 24)
+    input_pipeline.decode_pixels(png.getvalue()[:50], 24)
+
+
+def fake_device(memory_bytes):
+  return types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": memory_bytes})
+
+
+def test_auto_cache_puts_the_split_where_it_fits():
+  split_bytes = 1000 * 32 * 32 * 3
+  choose = lambda devices, fraction=0.5: input_pipeline.choose_cache(  # pylint: disable=g-long-lambda
+      "auto", num_records=1000, size=32, memory_fraction=fraction, devices=devices)
+  assert choose([fake_device(2 * split_bytes)] * 2)[0] == "device"
+  assert choose([fake_device(2 * split_bytes), fake_device(split_bytes)])[0] == "host"  # The smallest counts.
+  assert choose([fake_device(4 * split_bytes)], fraction=0.2)[0] == "host"
+  mode, why = choose([fake_device(split_bytes)], fraction=split_bytes / input_pipeline.host_memory_bytes() / 2)
+  assert mode == "stream" and "RAM" in why
+  assert input_pipeline.choose_cache("stream", num_records=1000, size=32, memory_fraction=0.5,
+                                     devices=[fake_device(10 * split_bytes)])[0] == "stream"

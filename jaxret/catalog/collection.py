@@ -338,8 +338,7 @@ class Catalog:
   def search_many(self, images: Sequence, k: int = 10) -> list[list[Hit]]:
     """`search` for several photos at once (one embedding call)."""
     self._require_collection()
-    size = self.embedder.config.input.image_size
-    batch = np.stack([files.preprocess(image, size) for image in images])
+    batch = np.stack([files.preprocess(image, self.embedder.input_size) for image in images])
     return self.search_embeddings(self.embedder.embed_images(batch), k)
 
   def recall(self, split: str = "query", ks: Sequence[int] | None = None) -> dict[int, float]:

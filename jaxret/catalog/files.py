@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep import inshop_features
-from jaxret import input_pipeline
+from jaxret import decoded_cache
 from jaxret.catalog.errors import CatalogError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -64,7 +64,7 @@ def load_image(image) -> np.ndarray:
   if isinstance(image, (str, os.PathLike, bytes)):
     where = f" {os.fspath(image)}" if isinstance(image, (str, os.PathLike)) else ""
     try:
-      return np.asarray(input_pipeline.open_image(_encoded(image)).convert("RGB"))
+      return np.asarray(decoded_cache.open_image(_encoded(image)).convert("RGB"))
     except (OSError, ValueError) as e:
       raise CatalogError(f"Could not decode the image{where}: {e}") from None
   if isinstance(image, Image.Image):
@@ -91,14 +91,15 @@ def _encoded(image) -> bytes:
   return encoded.getvalue()
 
 
-def preprocess(image, image_size: int) -> np.ndarray:
-  """A photo (see `load_image`) as the evaluation input `[S, S, 3]` float32.
+def preprocess(image, size: int) -> np.ndarray:
+  """A photo (see `load_image`) as the embedding step's input: `[size, size, 3]` uint8 pixels.
 
-  Files and bytes go to `input_pipeline.decode_image` as they are, so a catalogue image given as a file
-  gets exactly the embedding it got when its dataset split was indexed.
+  Files and bytes go to `decoded_cache.decode_pixels` as they are, the function that fills the decoded cache
+  of a dataset split, so a catalogue image given as a file gets exactly the embedding it got when its split
+  was indexed (with `size` = `Embedder.input_size`).
   """
   try:
-    return input_pipeline.decode_image(_encoded(image), image_size)
+    return decoded_cache.decode_pixels(_encoded(image), size)
   except ValueError as e:
     where = f" {os.fspath(image)}" if isinstance(image, (str, os.PathLike)) else ""
     raise CatalogError(f"Could not decode the image{where}: {e}") from None
