@@ -236,7 +236,7 @@ def test_the_suite_writes_the_three_result_files(suite_dir):
       assert source["model.embedding"] == "label_leaky_eval"
     for k in experiments.KS:
       assert float(row[f"recall@{k}"]) == pytest.approx(source[f"recall@{k}"])
-    assert row["map@r"] == ""  # Filled in once the evaluation logs mAP@R.
+    assert float(row["map@r"]) == pytest.approx(source["map@r"])
     assert row["model"] == f"{row['run']}_tiny" and row["data"] == "synthetic_inshop/tiny"
     assert row["steps"] == "6" and float(row["images_per_sec"]) > 0 and float(row["wall_time_s"]) > 0
     assert row["commit"] and row["source"] == "jaxret"
