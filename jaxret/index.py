@@ -85,6 +85,8 @@ def main(argv=None) -> int:
         written = shop.add_split(split)
         what = f"{shop.embedder.config.input.dataset} {split} images"
       embedder = shop.embedder
+      if jax.process_count() > 1:
+        print(f"process {jax.process_index()} of {jax.process_count()}: upserted {shop.rows_written} rows.")
       if jax.process_index() != 0:
         return 0  # Process 0 reports for all.
       processes = f" by {jax.process_count()} processes" if jax.process_count() > 1 else ""

@@ -131,6 +131,7 @@ class Catalog:
     self._search_params = search_params
     self._index_type = None  # Cached: describing the index is a round trip (and slow on Milvus Lite).
     self._sources = {}
+    self.rows_written = 0  # Rows this process has upserted through this Catalog.
     self.client, self.uri = None, uri
     if jax.process_count() == 1:
       self._open(uri, overwrite=overwrite, create=create)
@@ -298,6 +299,7 @@ class Catalog:
       self._connected().upsert(self.collection, rows[start:start + _UPSERT_ROWS])
     # Sealing the new rows lets Milvus build the vector index on them (they are brute-forced until then).
     self._connected().flush(self.collection)
+    self.rows_written += len(rows)
     return len(rows)
 
   def _each_process_writes(self) -> bool:
