@@ -8,8 +8,9 @@ For each setting (batching on: `--max_batch 32 --max_wait_ms 5`; off: `--max_bat
 `python -m jaxret.serve` on a free port of 127.0.0.1 (loopback only), waits until it answers /healthz (model
 compiled), warms it up, then for each C runs C client threads for S seconds. Each client holds one keep-alive
 HTTP connection and posts query photos of the run's query split (multipart, k=10) one after another. Reported
-per run: requests/s, latency p50/p95/p99, errors (anything but HTTP 200), the server's mean batch size, and
-its resident memory (VmRSS) before and after. The server is stopped at the end, whatever happens; the whole
+per run: requests/s, latency p50/p95/p99, errors (anything but HTTP 200), the server's mean batch size, the
+mean embedding and search time of a batch (the answers' `timings_ms`), and the server's resident memory
+(VmRSS) before and after; `--repeat N` runs each C N times on the same server, to watch the memory. The server is stopped at the end, whatever happens; the whole
 bench takes about 2 x (warm-up + len(C) x S) seconds plus two server start-ups.
 
 Clients and server share the machine's cores; the clients are light (prebuilt requests, responses read but
@@ -17,6 +18,7 @@ not parsed), but on a small machine their share is part of what is measured. doc
 """
 
 import argparse
+import collections
 import concurrent.futures
 import datetime
 import http.client
@@ -77,9 +79,13 @@ def get_json(port: int, path: str, timeout: float = 10) -> dict:
     return json.loads(response.read())
 
 
-def client_loop(port: int, requests: list[tuple[bytes, str]], stop_at: float, offset: int) -> tuple[list, int]:
-  """Posts requests one after another until `stop_at`; returns (latencies in s of HTTP 200 answers, errors)."""
-  latencies, errors = [], 0
+def client_loop(port: int, requests: list[tuple[bytes, str]], stop_at: float, offset: int):
+  """Posts requests one after another until `stop_at`.
+
+  Returns:
+    `(latencies in s of HTTP 200 answers, the answers' server timings {name: [ms]}, errors)`.
+  """
+  latencies, timings, errors = [], collections.defaultdict(list), 0
   connection = http.client.HTTPConnection(HOST, port, timeout=60)
   i = offset
   while time.perf_counter() < stop_at:
@@ -89,9 +95,11 @@ def client_loop(port: int, requests: list[tuple[bytes, str]], stop_at: float, of
     try:
       connection.request("POST", "/search", body=body, headers={"Content-Type": content_type})
       response = connection.getresponse()
-      response.read()
+      answer = response.read()
       if response.status == 200:
         latencies.append(time.perf_counter() - start)
+        for name, ms in json.loads(answer)["timings_ms"].items():
+          timings[name].append(ms)
       else:
         errors += 1
     except (OSError, http.client.HTTPException):
@@ -99,19 +107,21 @@ def client_loop(port: int, requests: list[tuple[bytes, str]], stop_at: float, of
       connection.close()
       connection = http.client.HTTPConnection(HOST, port, timeout=60)
   connection.close()
-  return latencies, errors
+  return latencies, timings, errors
 
 
 def load(port: int, requests, clients: int, seconds: float) -> dict:
-  """C clients for S seconds: requests/s, latency percentiles (ms), errors."""
+  """C clients for S seconds: requests/s, latency percentiles (ms), errors, the server's mean timings (ms)."""
   stop_at = time.perf_counter() + seconds
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
     results = list(pool.map(lambda c: client_loop(port, requests, stop_at, c * 7), range(clients)))
   latencies = np.concatenate([np.asarray(r[0]) for r in results]) * 1e3
-  errors = sum(r[1] for r in results)
+  errors = sum(r[2] for r in results)
   p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if len(latencies) else (np.nan,) * 3
+  server_ms = {f"server_{name}_ms": float(np.mean([ms for r in results for ms in r[1][name]]))
+               for name in ("decode", "queue", "embed", "search") if any(r[1][name] for r in results)}
   return {"clients": clients, "requests": int(len(latencies)), "requests_per_s": len(latencies) / seconds,
-          "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99), "errors": int(errors)}
+          "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99), "errors": int(errors), **server_ms}
 
 
 def start_server(args, flags: list[str], log) -> tuple[subprocess.Popen, int]:
@@ -120,6 +130,8 @@ def start_server(args, flags: list[str], log) -> tuple[subprocess.Popen, int]:
              "--port", str(port), "--max_queue", "1024", *flags]
   if args.data_dir:
     command += ["--data_dir", args.data_dir]
+  if args.collection:
+    command += ["--collection", args.collection]
   server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
   deadline = time.time() + args.startup_timeout
   while True:
@@ -148,12 +160,15 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="Training run whose catalogue is served.")
   parser.add_argument("--uri", required=True, help="Its Milvus catalogue (PATH.db or http://host:19530).")
+  parser.add_argument("--collection", default=None, help="Its collection (default: the server's default).")
   parser.add_argument("--data_dir", default=None, help="TFDS data dir of the run's dataset (query photos).")
   parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64], help="Concurrent clients C.")
   parser.add_argument("--seconds", type=float, default=20, help="Duration S of each run.")
   parser.add_argument("--warmup_seconds", type=float, default=5, help="Load before measuring (not reported).")
   parser.add_argument("--k", type=int, default=10)
   parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+  parser.add_argument("--repeat", type=int, default=1,
+                      help="Runs of each C, one after another on the same server (memory over time).")
   parser.add_argument("--startup_timeout", type=float, default=600)
   parser.add_argument("--out", default=None, help="Also write the results as JSON lines here.")
   args = parser.parse_args()
@@ -161,8 +176,9 @@ def main():
   requests = [multipart(photo, args.k) for photo in query_photos(args.workdir, args.data_dir, 64)]
   print(f"# {datetime.date.today()} {platform.node()} {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f}; {len(requests)} query photos, k={args.k}, S={args.seconds:g} s")
-  print("| setting | C | requests/s | p50 ms | p95 ms | p99 ms | errors | mean batch | server RSS MiB before -> after |")
-  print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+  print("| setting | C | requests/s | p50 ms | p95 ms | p99 ms | errors | mean batch | server embed + search ms "
+        "per batch | server RSS MiB before -> after |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
   rows = []
   for setting in args.settings:
     with tempfile.NamedTemporaryFile("w+", prefix="serve_load_", suffix=".log", delete=False) as log:
@@ -170,7 +186,7 @@ def main():
       try:
         load(port, requests, 8, args.warmup_seconds)
         first_rss = None
-        for clients in args.clients:
+        for clients in [c for c in args.clients for _ in range(args.repeat)]:
           before = get_json(port, "/healthz")["batching"]
           rss_before = rss_mib(server.pid)
           first_rss = first_rss or rss_before
@@ -182,7 +198,9 @@ def main():
           rows.append(result)
           print(f"| {setting} | {clients} | {result['requests_per_s']:.1f} | {result['p50_ms']:.1f} | "
                 f"{result['p95_ms']:.1f} | {result['p99_ms']:.1f} | {result['errors']} | "
-                f"{result['mean_batch']:.1f} | {rss_before:.0f} -> {result['rss_after_mib']:.0f} |", flush=True)
+                f"{result['mean_batch']:.1f} | {result.get('server_embed_ms', np.nan):.0f} + "
+                f"{result.get('server_search_ms', np.nan):.0f} | {rss_before:.0f} -> {result['rss_after_mib']:.0f} |",
+                flush=True)
         print(f"<!-- {setting}: server RSS {first_rss:.0f} MiB after warm-up, {rss_mib(server.pid):.0f} MiB at "
               "the end -->")
       finally:

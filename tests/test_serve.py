@@ -9,6 +9,7 @@ The API tests run the app in this process with the run's `Embedder`; the browser
 import asyncio
 import base64
 import concurrent.futures
+import functools
 import io
 import os
 import pathlib
@@ -92,6 +93,12 @@ def png(width: int, height: int, mode: str = "RGB") -> bytes:
   encoded = io.BytesIO()
   Image.new(mode, (width, height)).save(encoded, format="PNG")
   return encoded.getvalue()
+
+
+@functools.cache
+def bomb() -> bytes:
+  """A decompression bomb: a PNG of a few kilobytes that declares 100 million pixels."""
+  return png(10_000, 10_000, mode="1")
 
 
 def post_photo(client, data: bytes, **fields):
@@ -213,10 +220,9 @@ def test_too_many_pixels_and_decompression_bombs_are_refused(client):
   # Just over the limit (PIL would only warn): the server's own check.
   assert_refused(post_photo(client, png(1001, 1000)), 413, "1001 x 1000 = 1,001,000 pixels",
                  "1,000,000 pixels are accepted")
-  # A bomb: 400 million pixels in a few kilobytes; PIL refuses it from the header, before decoding.
-  bomb = png(20_000, 20_000, mode="1")
-  assert len(bomb) < LIMITS.max_bytes
-  assert_refused(post_photo(client, bomb), 413, "decompression bomb")
+  # A bomb: 100 million pixels in a few kilobytes; PIL refuses it from the header, before decoding.
+  assert len(bomb()) < 50_000
+  assert_refused(post_photo(client, bomb()), 413, "decompression bomb")
   assert post_photo(client, png(1000, 1000)).status_code == 200  # At the limit: accepted.
 
 
@@ -238,7 +244,7 @@ def test_malformed_requests_are_refused(client, gallery):
 
 
 def test_the_server_still_answers_after_bad_requests(client, gallery):
-  for data in (b"", b"junk", png(20_000, 20_000, mode="1")):
+  for data in (b"", b"junk", bomb()):
     assert post_photo(client, data).status_code in (400, 413)
   assert post_photo(client, photo(gallery, 2), k=3).json()["hits"][0]["image"] == str(gallery[0].image_names[2])
   assert client.get("/healthz").json()["status"] == "ok"
@@ -292,29 +298,40 @@ def test_the_page_is_one_offline_document(client):
 # --- Batching ---
 
 
-def test_concurrent_requests_are_batched_with_the_answers_of_single_requests(shop, gallery):
-  singles = {}
-  queries = [(0, 3, None), (9, 5, None), (13, 7, int(gallery[0].categories[13])), (20, 2, None)]
-  settings = serve_app.Settings(max_batch=4, max_wait_ms=5000, limits=LIMITS)  # Waits until 4 are there.
-  pixel_limit = Image.MAX_IMAGE_PIXELS
-  with testclient.TestClient(serve_app.create_app(shop, settings)) as batched:
-    for record, k, category in queries:
-      image = catalog.preprocess(photo(gallery, record), shop.embedder.config.input.image_size)
-      singles[record] = shop.search_embeddings(shop.embedder.embed_images(image[None]), k, category=category)[0]
-    fields = [{"k": k} | ({"category": category} if category is not None else {}) for _, k, category in queries]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-      answers = list(pool.map(lambda q: post_photo(batched, photo(gallery, q[0][0]), **q[1]).json(),
-                              zip(queries, fields)))
-    health = batched.get("/healthz").json()["batching"]
-  Image.MAX_IMAGE_PIXELS = pixel_limit
-  assert [a["batch_size"] for a in answers] == [4, 4, 4, 4]
-  assert health["batches"] == 1 and health["largest_batch"] == 4
+def single_answer(shop, gallery, record, k, category=None):
+  image = catalog.preprocess(photo(gallery, record), shop.embedder.config.input.image_size)
+  return shop.search_embeddings(shop.embedder.embed_images(image[None]), k, category=category)[0]
+
+
+def test_a_batch_answers_each_query_as_if_alone(shop, gallery):
+  # Mixed k and category filters in one batch: one embedding call, one search per filter.
+  queries = [(0, 3, None), (9, 5, None), (13, 7, int(gallery[0].categories[13])), (20, 2, None),
+             (21, 4, int(gallery[0].categories[13]))]
+  size = shop.embedder.config.input.image_size
+  searcher = serve_app.Searcher(shop, SETTINGS)
+  answers = searcher.search_batch([serve_app.Query(catalog.preprocess(photo(gallery, record), size), k, category)
+                                   for record, k, category in queries])
+  assert [a.batch_size for a in answers] == [5] * 5
   for (record, k, category), answer in zip(queries, answers):
-    assert [int(h["id"]) for h in answer["hits"]] == [h.id for h in singles[record]]
-    np.testing.assert_allclose([h["distance"] for h in answer["hits"]], [h.distance for h in singles[record]],
-                               rtol=1e-4, atol=1e-5)
+    single = single_answer(shop, gallery, record, k, category)
+    assert [h.id for h in answer.hits] == [h.id for h in single] and 0 < len(single) <= k
+    np.testing.assert_allclose([h.distance for h in answer.hits], [h.distance for h in single], rtol=1e-4,
+                               atol=1e-5)
     if category is not None:
-      assert {h["category"] for h in answer["hits"]} == {category}
+      assert {h.category for h in answer.hits} == {category}
+
+
+def test_concurrent_requests_get_their_own_answers(client, shop, gallery):
+  records = [1, 6, 11, 16, 21, 2, 7, 12]
+  before = client.get("/healthz").json()["batching"]
+  with concurrent.futures.ThreadPoolExecutor(len(records)) as pool:
+    answers = list(pool.map(lambda r: post_photo(client, photo(gallery, r), k=3).json(), records))
+  after = client.get("/healthz").json()["batching"]
+  assert after["requests"] - before["requests"] == len(records)
+  assert 1 <= after["batches"] - before["batches"] <= len(records)
+  for record, answer in zip(records, answers):
+    assert [int(h["id"]) for h in answer["hits"]] == [h.id for h in single_answer(shop, gallery, record, 3)]
+    assert 1 <= answer["batch_size"] <= SETTINGS.max_batch
 
 
 def run_batcher(process, items, **options):
@@ -342,6 +359,47 @@ def test_batcher_takes_up_to_max_batch_and_keeps_order():
   sizes.clear()
   results, _ = run_batcher(double, range(5), max_batch=1, max_wait_ms=1000)  # No batching.
   assert results == [0, 2, 4, 6, 8] and sizes == [1, 1, 1, 1, 1]
+
+
+def test_batcher_waits_for_announced_requests_only():
+  sizes = []
+
+  def record_sizes(items):
+    sizes.append(len(items))
+    return items
+
+  async def main(late_request: str, max_wait_ms: float):
+    batcher = batching.Batcher(record_sizes, max_batch=8, max_wait_ms=max_wait_ms)
+    await batcher.start()
+
+    async def late():
+      if late_request != "unannounced":
+        batcher.announce()
+      await asyncio.sleep(0.2)  # e.g. a photo being decoded
+      if late_request == "withdrawn":
+        batcher.withdraw()  # e.g. it was not an image
+        return None
+      return await batcher.submit("late", announced=late_request == "announced")
+
+    try:
+      started = time.perf_counter()
+      results = await asyncio.gather(batcher.submit("first"), late())
+      return results, time.perf_counter() - started
+    finally:
+      await batcher.stop()
+
+  assert asyncio.run(main("announced", max_wait_ms=10_000))[0] == ["first", "late"]
+  assert sizes == [2]  # The first waited for the announced one.
+  sizes.clear()
+  assert asyncio.run(main("unannounced", max_wait_ms=10_000))[0] == ["first", "late"]
+  assert sizes == [1, 1]  # Nothing announced: the first went alone, at once.
+  sizes.clear()
+  assert asyncio.run(main("announced", max_wait_ms=20))[0] == ["first", "late"]
+  assert sizes == [1, 1]  # Announced, but later than max_wait_ms.
+  sizes.clear()
+  results, seconds = asyncio.run(main("withdrawn", max_wait_ms=600_000))
+  assert results == ["first", None] and sizes == [1]
+  assert seconds < 300  # The withdrawal released the waiting batch: it did not wait out the 10 minutes.
 
 
 def test_batcher_fails_only_the_failing_batch_and_refuses_a_full_queue():

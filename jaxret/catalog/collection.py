@@ -24,6 +24,7 @@ database, which one process may open, is opened by process 0 alone, which receiv
 from collections.abc import Sequence
 import dataclasses
 import hashlib
+import time
 
 import jax
 from jax.experimental import multihost_utils
@@ -48,6 +49,7 @@ _UPSERT_ROWS = 1000
 # Queries per search request: Milvus Lite's exact search builds a [queries, rows, dim] float32 difference
 # array, so a request is kept to about this many floats.
 _SEARCH_FLOATS = 1 << 25
+_COUNT_SECONDS = 30.0  # How old the row count that sizes Milvus Lite search requests may be.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,7 @@ class Catalog:
     self._index_type = None  # Cached: describing the index is a round trip (and slow on Milvus Lite).
     self._sources = {}
     self.rows_written = 0  # Rows this process has upserted through this Catalog.
+    self._count_cache = None  # (time.monotonic(), count()) for `_recent_count`.
     self.client, self.uri = None, uri
     if jax.process_count() == 1:
       self._open(uri, overwrite=overwrite, create=create)
@@ -300,6 +303,7 @@ class Catalog:
     # Sealing the new rows lets Milvus build the vector index on them (they are brute-forced until then).
     self._connected().flush(self.collection)
     self.rows_written += len(rows)
+    self._count_cache = None
     return len(rows)
 
   def _each_process_writes(self) -> bool:
@@ -401,8 +405,16 @@ class Catalog:
     """
     per_request = max(1, min(1024, 16384 // k))
     if num_queries > 1 and milvus.is_lite(self.uri) and self.index_type() == "FLAT":
-      per_request = min(per_request, max(1, _SEARCH_FLOATS // (max(1, self.count()) * self.embedder.dim)))
+      per_request = min(per_request, max(1, _SEARCH_FLOATS // (max(1, self._recent_count()) * self.embedder.dim)))
     return per_request
+
+  def _recent_count(self) -> int:
+    """`count()` read at most every `_COUNT_SECONDS`: it only bounds the memory of a search request, and on
+    Milvus Lite it costs a pass over every row (as much as a small search)."""
+    now = time.monotonic()
+    if self._count_cache is None or now - self._count_cache[0] > _COUNT_SECONDS:
+      self._count_cache = (now, self.count())
+    return self._count_cache[1]
 
   def _hit(self, rank: int, hit) -> Hit:
     entity = hit["entity"]

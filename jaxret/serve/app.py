@@ -216,10 +216,16 @@ def create_app(shop: collection.Catalog, settings: Settings = Settings()) -> fas
     k = uploads.parse_k(upload.k, limits)
     category = uploads.parse_category(upload.category)
     started = time.perf_counter()
-    image = await asyncio.get_running_loop().run_in_executor(decoders, uploads.decode, upload.image, model["image_size"], limits)
+    batcher.announce()  # The batch now forming may wait (up to max_wait_ms) for this photo's decoding.
+    try:
+      image = await asyncio.get_running_loop().run_in_executor(decoders, uploads.decode, upload.image,
+                                                               model["image_size"], limits)
+    except BaseException:
+      batcher.withdraw()
+      raise
     decoded = time.perf_counter()
     try:
-      answer = await batcher.submit(Query(image, k, category))
+      answer = await batcher.submit(Query(image, k, category), announced=True)
     except batching.QueueFull as e:
       return responses.JSONResponse({"detail": f"The server is busy: {e} Retry in a moment."}, status_code=503,
                                     headers={"Retry-After": "1"})

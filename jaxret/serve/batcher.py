@@ -1,10 +1,12 @@
 """Dynamic batching: concurrent requests wait together for one call of the device, then each gets its answer.
 
-A request joins a queue; one loop takes up to `max_batch` of them, waiting at most `max_wait_ms` after the
-oldest arrived, and hands them to `process` (one jitted embedding and one Milvus search for all of them) on
-a single worker thread, which owns the device. While the worker runs a batch, the next one fills up, so under
-load batches grow by themselves and throughput grows with them; a lone request waits at most `max_wait_ms`.
-`max_batch=1` turns batching off (every request is embedded and searched alone, one after another).
+A request joins a queue; one loop takes up to `max_batch` of them and hands them to `process` (one jitted
+embedding and one Milvus search for all of them) on a single worker thread, which owns the device. Before a
+batch starts, it waits for requests that are announced (`announce`: e.g. a photo still being decoded) until
+it is full or the oldest request has waited `max_wait_ms`; it never waits when none is announced, so a lone
+request goes at once. While the worker runs a batch, the next one fills up, so under load batches grow by
+themselves and throughput grows with them. `max_batch=1` turns batching off (every request is embedded and
+searched alone, one after another).
 """
 
 import asyncio
@@ -60,6 +62,7 @@ class Batcher:
     self.max_wait_s = max_wait_ms / 1000
     self.max_queue = max_queue
     self.stats = BatchStats()
+    self._announced = 0  # Requests on their way (`announce`d, not yet submitted or withdrawn).
     self._waiting = collections.deque()
     self._arrived = None  # asyncio.Event, made in the running loop by `start`.
     self._loop_task = None
@@ -85,8 +88,23 @@ class Batcher:
         waiting.future.cancel()
     self._worker.shutdown(wait=True)
 
-  async def submit(self, item) -> Any:
+  def announce(self) -> None:
+    """Says a submission is on its way (`submit(..., announced=True)` or `withdraw()` must follow).
+
+    A batch that is not full waits for announced requests, up to `max_wait_ms` after its oldest request.
+    """
+    self._announced += 1
+
+  def withdraw(self) -> None:
+    """An announced request will not be submitted (e.g. its photo could not be decoded)."""
+    self._announced -= 1
+    if self._arrived is not None:
+      self._arrived.set()  # The batch waiting for it may go.
+
+  async def submit(self, item, *, announced: bool = False) -> Any:
     """The result of `process` for `item`, computed in a batch with other concurrent submissions."""
+    if announced:
+      self._announced -= 1
     if self._loop_task is None:
       raise RuntimeError("Batcher.start() was not awaited.")
     if len(self._waiting) >= self.max_queue:
@@ -102,9 +120,9 @@ class Batcher:
       while not self._waiting:
         self._arrived.clear()
         await self._arrived.wait()
-      # Wait for more until the batch is full or the oldest request has waited max_wait.
+      # Wait for announced requests until the batch is full or the oldest request has waited max_wait.
       deadline = self._waiting[0].arrived + self.max_wait_s
-      while len(self._waiting) < self.max_batch:
+      while len(self._waiting) < self.max_batch and self._announced > 0:
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
           break
