@@ -5,16 +5,20 @@
   python -m bench.serve_load --workdir /tmp/jaxret_demo --uri /tmp/demo_catalog.db [--clients 1 8 64] [--seconds 20]
 
 For each setting (batching on: `--max_batch 32 --max_wait_ms 5`; off: `--max_batch 1`) the bench starts
-`python -m jaxret.serve` on a free port of 127.0.0.1 (loopback only), waits until it answers /healthz (model
-compiled), warms it up, then for each C runs C client threads for S seconds. Each client holds one keep-alive
-HTTP connection and posts query photos of the run's query split (multipart, k=10) one after another. Reported
-per run: requests/s, latency p50/p95/p99, errors (anything but HTTP 200), the server's mean batch size, the
-mean embedding and search time of a batch (the answers' `timings_ms`), and the server's resident memory
-(VmRSS) before and after; `--repeat N` runs each C N times on the same server, to watch the memory. The server is stopped at the end, whatever happens; the whole
-bench takes about 2 x (warm-up + len(C) x S) seconds plus two server start-ups.
+`python -m jaxret.serve` on a free port of 127.0.0.1 (loopback only; with a Milvus Lite catalogue each server
+gets its own copy of the database), waits until it answers /healthz (model compiled) and warms it up. Then,
+for each C, the settings take turns (`--repeat` times each), so that both see the same load from the rest of
+the machine: C client threads for S seconds, each holding one keep-alive HTTP connection and posting query
+photos of the run's query split (multipart, k=10) one after another. Reported per run: requests/s, latency
+p50/p95/p99, errors (anything but HTTP 200), the server's mean batch size, the mean embedding and search time
+of a batch (the answers' `timings_ms`), and the server's resident memory (VmRSS) before and after; at the end
+each server's memory after warm-up and now, and the median requests/s of both settings at each C. The
+servers are stopped at the end, whatever happens; the bench takes about 2 x len(C) x repeat x S seconds plus
+the start-ups.
 
-Clients and server share the machine's cores; the clients are light (prebuilt requests, responses read but
-not parsed), but on a small machine their share is part of what is measured. docs/benchmarks.md has results.
+Clients and servers share the machine's cores; the clients are light (prebuilt requests, the answers' JSON
+parsed for the server timings), but on a small machine their share is part of what is measured.
+docs/benchmarks.md has results.
 """
 
 import argparse
@@ -25,6 +29,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,6 +42,7 @@ import numpy as np
 
 from jaxret import embedding
 from jaxret import input_pipeline
+from jaxret.catalog import milvus
 
 HOST = "127.0.0.1"  # Loopback only: the bench never sends requests to another machine.
 SETTINGS = {"batching on": ["--max_batch", "32", "--max_wait_ms", "5"], "batching off": ["--max_batch", "1"]}
@@ -124,9 +130,9 @@ def load(port: int, requests, clients: int, seconds: float) -> dict:
           "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99), "errors": int(errors), **server_ms}
 
 
-def start_server(args, flags: list[str], log) -> tuple[subprocess.Popen, int]:
+def start_server(args, uri: str, flags: list[str], log) -> tuple[subprocess.Popen, int]:
   port = free_port()
-  command = [sys.executable, "-m", "jaxret.serve", "--workdir", args.workdir, "--uri", args.uri, "--host", HOST,
+  command = [sys.executable, "-m", "jaxret.serve", "--workdir", args.workdir, "--uri", uri, "--host", HOST,
              "--port", str(port), "--max_queue", "1024", *flags]
   if args.data_dir:
     command += ["--data_dir", args.data_dir]
@@ -168,7 +174,8 @@ def main():
   parser.add_argument("--k", type=int, default=10)
   parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
   parser.add_argument("--repeat", type=int, default=1,
-                      help="Runs of each C, one after another on the same server (memory over time).")
+                      help="Runs of each C per setting (the settings take turns); more runs show the memory over "
+                           "time and give medians on a noisy machine.")
   parser.add_argument("--startup_timeout", type=float, default=600)
   parser.add_argument("--out", default=None, help="Also write the results as JSON lines here.")
   args = parser.parse_args()
@@ -179,17 +186,26 @@ def main():
   print("| setting | C | requests/s | p50 ms | p95 ms | p99 ms | errors | mean batch | server embed + search ms "
         "per batch | server RSS MiB before -> after |")
   print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-  rows = []
-  for setting in args.settings:
-    with tempfile.NamedTemporaryFile("w+", prefix="serve_load_", suffix=".log", delete=False) as log:
-      server, port = start_server(args, SETTINGS[setting], log)
-      try:
-        load(port, requests, 8, args.warmup_seconds)
-        first_rss = None
-        for clients in [c for c in args.clients for _ in range(args.repeat)]:
+  rows, servers, workspace = [], {}, tempfile.mkdtemp(prefix="serve_load_")
+  try:
+    for setting in args.settings:
+      uri = args.uri
+      if milvus.is_lite(uri) and len(args.settings) > 1:
+        # Milvus Lite lets one process open a database: each server gets its own copy.
+        uri = os.path.join(workspace, setting.replace(" ", "_") + ".db")
+        shutil.copytree(args.uri, uri, ignore=shutil.ignore_patterns("LOCK"))
+      log = open(os.path.join(workspace, setting.replace(" ", "_") + ".log"), "w")
+      servers[setting] = (*start_server(args, uri, SETTINGS[setting], log), log)
+    first_rss = {}
+    for setting, (server, port, _) in servers.items():
+      load(port, requests, 8, args.warmup_seconds)
+      first_rss[setting] = rss_mib(server.pid)
+    # The settings take turns at each C, so that both see the same load from the rest of the machine.
+    for clients in args.clients:
+      for _ in range(args.repeat):
+        for setting, (server, port, _) in servers.items():
           before = get_json(port, "/healthz")["batching"]
           rss_before = rss_mib(server.pid)
-          first_rss = first_rss or rss_before
           result = load(port, requests, clients, args.seconds)
           after = get_json(port, "/healthz")["batching"]
           batches = after["batches"] - before["batches"]
@@ -199,13 +215,24 @@ def main():
           print(f"| {setting} | {clients} | {result['requests_per_s']:.1f} | {result['p50_ms']:.1f} | "
                 f"{result['p95_ms']:.1f} | {result['p99_ms']:.1f} | {result['errors']} | "
                 f"{result['mean_batch']:.1f} | {result.get('server_embed_ms', np.nan):.0f} + "
-                f"{result.get('server_search_ms', np.nan):.0f} | {rss_before:.0f} -> {result['rss_after_mib']:.0f} |",
-                flush=True)
-        print(f"<!-- {setting}: server RSS {first_rss:.0f} MiB after warm-up, {rss_mib(server.pid):.0f} MiB at "
-              "the end -->")
-      finally:
-        stop_server(server)
-      os.unlink(log.name)
+                f"{result.get('server_search_ms', np.nan):.0f} | {rss_before:.0f} -> "
+                f"{result['rss_after_mib']:.0f} |", flush=True)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    for setting, (server, _, _) in servers.items():
+      print(f"{setting}: server RSS {first_rss[setting]:.0f} MiB after warm-up, {rss_mib(server.pid):.0f} MiB "
+            "at the end")
+    if "batching on" in servers and "batching off" in servers:
+      for clients in args.clients:
+        median = {setting: np.median([r["requests_per_s"] for r in rows
+                                      if r["setting"] == setting and r["clients"] == clients])
+                  for setting in servers}
+        print(f"C={clients}: median requests/s batching on {median['batching on']:.1f}, off "
+              f"{median['batching off']:.1f}: {median['batching on'] / median['batching off']:.2f}x")
+  finally:
+    for server, _, log in servers.values():
+      stop_server(server)
+      log.close()
+  shutil.rmtree(workspace, ignore_errors=True)
   if args.out:
     with open(args.out, "w") as f:
       for row in rows:
