@@ -234,6 +234,7 @@ def test_malformed_requests_are_refused(client, gallery):
                  "No `image` in the form")
   assert_refused(client.post("/search", data={"image": "not a file"},
                              files={"other": ("a.jpg", b"x")}), 400, "must be a file")
+  assert client.post("/search", content=b"--x\r\n", headers={"content-type": "multipart/form-data"}).status_code == 400
   assert_refused(client.post("/search", content=b"{not json", headers={"content-type": "application/json"}), 400,
                  "not valid JSON")
   assert_refused(client.post("/search", json=[1, 2]), 400, "Expected a JSON object")

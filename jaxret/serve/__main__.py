@@ -47,7 +47,8 @@ def parse_args(argv):
                         help="Most requests embedded and searched together; 1 turns batching off. "
                              "Default: %(default)s.")
   batching.add_argument("--max_wait_ms", type=float, default=defaults.max_wait_ms,
-                        help="Longest a request waits for others to join its batch. Default: %(default)s.")
+                        help="Longest a batch waits for requests still being decoded (a lone request never "
+                             "waits). Default: %(default)s.")
   batching.add_argument("--max_queue", type=int, default=defaults.max_queue,
                         help="Most requests waiting for the device; more get 503 at once. Default: %(default)s.")
   batching.add_argument("--decode_threads", type=int, default=min(defaults.decode_threads, os.cpu_count() or 1),

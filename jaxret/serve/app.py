@@ -43,7 +43,7 @@ class Settings:
 
   Attributes:
     max_batch: most search requests embedded and searched together (1: no batching).
-    max_wait_ms: longest a request waits for others to join its batch.
+    max_wait_ms: longest a batch waits for requests still being decoded (a lone request does not wait).
     max_queue: most requests waiting for the device; more are answered 503 at once.
     decode_threads: threads decoding uploaded photos (each holds at most one photo's pixels).
     limits: bytes, pixels and k accepted per request.
@@ -252,7 +252,7 @@ def create_app(shop: collection.Catalog, settings: Settings = Settings()) -> fas
                                      f"got {row_id!r}.")
     try:
       jpeg = await concurrency.run_in_threadpool(searcher.thumbnail_jpeg, int(row_id))
-    except errors.CatalogError as e:
+    except (errors.CatalogError, OSError) as e:  # A moved file, a dataset not found (DatasetNotPreparedError).
       return responses.JSONResponse({"detail": f"Item {row_id}'s image cannot be read: {e}"}, status_code=404)
     if jpeg is None:
       return responses.JSONResponse({"detail": f"No item {row_id} in collection {shop.collection!r}."},
