@@ -11,7 +11,7 @@ this module:
   embeddings, index, source = embedder.embed_split("gallery")
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 import functools
 import hashlib
 import json
@@ -102,18 +102,33 @@ def embed_batches_on_device(embed, variables: Variables, batches: Iterable[dict[
   Returns:
     `[N_padded, D]` embeddings in stream order, split over the devices; None for an empty stream.
   """
+  outputs = list(_embed_stream(embed, variables, batches, mesh, total_batches=total_batches, desc=desc))
+  if not outputs:
+    return None
+  return _concatenate(sharding.data_sharding(mesh))(outputs)
+
+
+def _embed_stream(embed, variables: Variables, batches: Iterable[dict[str, np.ndarray]],
+                  mesh: jax.sharding.Mesh, *, total_batches: int | None, desc: str) -> Iterator[jax.Array]:
+  """The `[B, D]` embeddings of each global batch of a stream, split over the devices (dispatched, not awaited)."""
   data = sharding.data_sharding(mesh)
-  outputs = []
   progress = tqdm.tqdm(batches, total=total_batches, desc=desc, unit="batch", leave=False,
                        disable=jax.process_index() != 0 or total_batches == 0)
   for batch in progress:
     images = jax.make_array_from_process_local_data(data, batch["image"])
     category = (jax.make_array_from_process_local_data(data, batch["category"]) if "category" in batch
                 else None)
-    outputs.append(embed(variables, images, category))
-  if not outputs:
-    return None
-  return _concatenate(data)(outputs)
+    yield embed(variables, images, category)
+
+
+def process_rows(embeddings: jax.Array) -> np.ndarray:
+  """This process's rows of a `[B, D]` array split over the data axis: `[B_local, D]`, in local-block order.
+
+  `jax.make_array_from_process_local_data` puts a process's block on its devices in order, so these are the
+  embeddings of the images this process fed, without any transfer between processes.
+  """
+  shards = sorted(embeddings.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+  return np.concatenate([np.asarray(shard.data) for shard in shards])
 
 
 @functools.lru_cache(maxsize=8)
@@ -243,6 +258,43 @@ class Embedder:
       return np.zeros((0, self.dim), np.float32)
     return sharding.host_array(embeddings)[:total]
 
+  def embed_batches_local(self, batches: Iterable[dict[str, np.ndarray]], total: int,
+                          desc: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The rows this process embeds of a padded global stream of `total` items, nothing gathered.
+
+    Every process feeds its block of each global batch (`input_pipeline.padded_batches`: process p holds
+    items `b * G + p * G_local + j` of batch b) and keeps the embeddings of exactly those items, so the
+    processes' rows are disjoint and together cover `0 .. total - 1` once.
+
+    Returns:
+      `(positions [n] int64, embeddings [n, D] float32, fields)`: the items' indices in the stream, their
+      embeddings, and the other fields of the local batches (e.g. `valid`) at those positions; padding dropped.
+    """
+    local_batch = self.batch_size // jax.process_count()
+    batch_fields = []
+
+    def keep_fields(stream):
+      for batch in stream:
+        batch_fields.append({k: v for k, v in batch.items() if k != "image"})
+        yield batch
+
+    rows, pending = [], None
+    stream = _embed_stream(self._embed, self.variables, keep_fields(batches), self.mesh,
+                           total_batches=-(-total // self.batch_size), desc=desc)
+    for embeddings in stream:
+      if pending is not None:
+        rows.append(process_rows(pending))  # Copies batch b - 1 to the host while batch b runs.
+      pending = embeddings
+    if pending is not None:
+      rows.append(process_rows(pending))
+    positions = np.concatenate([
+        batch * self.batch_size + jax.process_index() * local_batch + np.arange(local_batch)
+        for batch in range(len(rows))]) if rows else np.zeros((0,), np.int64)
+    embeddings = np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+    real = positions < total
+    fields = {k: np.concatenate([f[k] for f in batch_fields])[real] for k in (batch_fields[:1] or [{}])[0]}
+    return positions[real], embeddings[real], fields
+
   def embed_images(self, images: np.ndarray) -> np.ndarray:
     """`[N, C, C, 3]` uint8 pixels (C = `input_size`, from `input_pipeline.decode_pixels`) to `[N, D]` float32.
 
@@ -273,8 +325,22 @@ class Embedder:
     """Embeds a split of the run's dataset, as the trainer's evaluation does.
 
     Returns:
-      `(embeddings [N, D], SplitIndex, source)`, in record order.
+      `(embeddings [N, D], SplitIndex, source)`, in record order, on every process.
     """
+    batches, index, source = self._split_batches(split, data_dir)
+    return self.embed_batches(batches, len(index), f"embedding {split}"), index, source
+
+  def embed_split_local(self, split: str, data_dir: str | None = None):
+    """This process's share of a split (see `embed_batches_local`), nothing gathered between processes.
+
+    Returns:
+      `(records [n] int64, embeddings [n, D], SplitIndex)`: the record indices this process embedded.
+    """
+    batches, index, _ = self._split_batches(split, data_dir)
+    records, embeddings, _ = self.embed_batches_local(batches, len(index), f"embedding {split}")
+    return records, embeddings, index
+
+  def _split_batches(self, split: str, data_dir: str | None):
     builder = input_pipeline.get_builder(self.config.input.dataset, data_dir or self.config.data_dir)
     if split not in builder.info.splits:
       raise RunError(f"Dataset {self.config.input.dataset} has no split {split!r}; use one of "
@@ -283,14 +349,10 @@ class Embedder:
     decoded = input_pipeline.open_decoded_split(self.config, builder, split)
     batches = input_pipeline.eval_batches(decoded, global_batch=self.batch_size,
                                           process_index=jax.process_index(), process_count=jax.process_count())
-    return self.embed_batches(batches, len(decoded), f"embedding {split}"), decoded.index, source
+    return batches, decoded.index, source
 
   def embed_files(self, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """`([N, D] embeddings, [N] bool readable)` of image files; unreadable files get a zero row."""
-    batches = input_pipeline.file_batches(
-        paths, size=self.input_size, global_batch=self.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        num_threads=self.config.input.num_threads)
     valid = []
 
     def keep_valid(stream):
@@ -298,8 +360,25 @@ class Embedder:
         valid.append(batch.pop("valid"))
         yield batch
 
-    embeddings = self.embed_batches(keep_valid(batches), len(paths), "embedding images")
+    embeddings = self.embed_batches(keep_valid(self._file_batches(paths)), len(paths), "embedding images")
     if jax.process_count() > 1:
       valid = [multihost_utils.process_allgather(v, tiled=True) for v in valid]
     readable = np.concatenate(valid)[:len(paths)] if valid else np.zeros((0,), bool)
     return embeddings, readable
+
+  def embed_files_local(self, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This process's share of image files (see `embed_batches_local`), nothing gathered between processes.
+
+    Returns:
+      `(positions [n] int64, embeddings [n, D], readable [n] bool)`: indices into `paths`; unreadable
+      files have a zero row and `readable` False.
+    """
+    positions, embeddings, fields = self.embed_batches_local(self._file_batches(paths), len(paths),
+                                                             "embedding images")
+    return positions, embeddings, fields.get("valid", np.zeros((0,), bool)).astype(bool)
+
+  def _file_batches(self, paths: Sequence[str]):
+    return input_pipeline.file_batches(
+        paths, size=self.input_size, global_batch=self.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_threads=self.config.input.num_threads)

@@ -4,16 +4,17 @@ The command line only: flags, the multi-process start-up and `main`. The trainin
 `jaxret.trainer.train_and_evaluate(config, workdir)`, importable without defining any flag.
 """
 
-import re
 import sys
+
+import jax
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from jaxret import checkpointing
+from jaxret import distributed
 from jaxret import embedding
 from jaxret import evaluation
 from jaxret import input_pipeline
@@ -25,10 +26,12 @@ from jaxret.trainer import train_and_evaluate
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/demo.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
-_COORDINATOR_ADDRESS = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0 for a multi-process run (jax.distributed); without it, "
-    "clusters that JAX detects (Cloud TPU VM slices, SLURM, Open MPI, Kubernetes) are initialised automatically.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None,
+                                           distributed.FLAGS_HELP["coordinator_address"])
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, distributed.FLAGS_HELP["num_processes"])
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, distributed.FLAGS_HELP["process_id"])
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout_seconds", 30,
+                                          distributed.FLAGS_HELP["heartbeat_timeout_seconds"])
 _EXTEND_TOTAL_STEPS = flags.DEFINE_bool(
     "extend_total_steps", False, "Resume a run with a larger --config.total_steps than it was started with (the "
     "learning-rate schedule is stretched to the new end); without it a changed total_steps is refused.")
@@ -37,33 +40,16 @@ _EVAL_ONLY = flags.DEFINE_bool(
     "with --config.model.embedding=label_leaky_eval (the capsule papers' protocol) for a run trained with "
     "embedding=label; the config may differ from the run's only in evaluation fields. Appends the result to "
     "WORKDIR/eval_only.jsonl.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout_seconds", 30, "A multi-process run stops with an error when a process has not been heard "
-    "from for this long (so that one dead process does not leave the others hanging).")
-
-# What `jax.distributed.initialize()` raises when it finds no cluster to join (a single-process run).
-_NO_CLUSTER_MESSAGE = "coordinator_address should be defined"
 
 
 def initialize_distributed() -> None:
-  """Starts JAX's multi-controller runtime from the flags, or from a cluster JAX detects; else does nothing.
-
-  Without flags, `jax.distributed.initialize()` itself looks for a cluster (Cloud TPU VM slice, SLURM,
-  Open MPI, Kubernetes). When it finds none it raises a ValueError saying that the coordinator address is
-  missing; that one error means "a single process" and is the only one we swallow.
-  """
-  explicit = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if any(v is not None for v in explicit) and any(v is None for v in explicit):
-    raise app.UsageError("--coordinator_address, --num_processes and --process_id go together; e.g.\n"
-                         "  --coordinator_address 127.0.0.1:12355 --num_processes 2 --process_id 0")
-  # CPU processes exchange data over loopback or TCP with gloo; GPUs and TPUs use their own collectives.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  """Starts JAX's multi-controller runtime from the flags (`distributed.initialize`)."""
+  settings = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    jax.distributed.initialize(*explicit, heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    distributed.check_settings(*settings)
   except ValueError as e:
-    if explicit[0] is not None or _NO_CLUSTER_MESSAGE not in str(e):
-      raise
+    raise app.UsageError(str(e)) from None
+  distributed.initialize(*settings, heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
 
 
 # Problems a user can fix: the message, not a traceback.
@@ -118,19 +104,8 @@ def main(argv):
     raise SystemExit(f"error: {e}") from None
   except Exception as e:  # Any failure of a multi-process run: first say which process is gone, then the trace.
     if jax.process_count() > 1:
-      print(peer_failure_line(e), file=sys.stderr, flush=True)
+      distributed.report_peer_failure(e)
     raise
-
-
-def peer_failure_line(error: BaseException) -> str:
-  """One line for a multi-process run that failed: which process stopped, as far as the error tells."""
-  text = str(error)
-  lost = sorted({int(n) for n in re.findall(r"task[:_ /]*(\d+)", text)} - {jax.process_index()})
-  who = (f"process {', '.join(map(str, lost))} stopped or cannot be reached" if lost
-         else "another process stopped or the coordinator lost contact with it")
-  return (f"error: process {jax.process_index()} of {jax.process_count()} stops: {who} "
-          f"({type(error).__name__}). Rerun every process with the same command to resume from the last "
-          "checkpoint they all finished.")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
+import socket
+import subprocess
+import sys
+import time
 import types
 
 import numpy as np
@@ -337,3 +342,81 @@ def test_decompression_bombs_are_skipped(run, embedder, splits, tmp_path, capsys
       shop.search(str(bomb))
   assert index.main(["--workdir", run[0], "--uri", uri, "--images", str(tmp_path / "shop")]) == 0
   assert f"warning: skipped {bomb}" in capsys.readouterr().err
+
+
+# --- Several processes (jax.distributed): each embeds its share of the images ---
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture
+def milvus_server(tmp_path):
+  """A Milvus server on a free loopback port (Milvus Lite's gRPC server: the protocol of a Milvus server,
+  which many processes may use at once); its URI."""
+  port = free_port()
+  process = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "milvus"),
+                              "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.STDOUT)
+  try:
+    deadline = time.time() + 120
+    while True:
+      assert process.poll() is None, "the Milvus Lite server stopped"
+      try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        break
+      except OSError:
+        assert time.time() < deadline, "the Milvus Lite server did not listen within 2 minutes"
+        time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+  finally:
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def index_with_two_processes(run, uri, tmp_path) -> list[str]:
+  """`python -m jaxret.index` on 2 processes x 1 CPU device; the output of each process."""
+  address = f"127.0.0.1:{free_port()}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "jaxret.index", "--workdir", run[0], "--uri", uri, "--split", "gallery",
+       "--data_dir", run[1], "--coordinator_address", address, "--num_processes", "2", "--process_id", str(i),
+       "--heartbeat_timeout_seconds", "20"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+      for i, log in enumerate(logs)]
+  outputs = []
+  for process, log in zip(processes, logs):
+    process.wait(timeout=600)
+    log.seek(0)
+    outputs.append(log.read())
+    log.close()
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-3000:]
+  return outputs
+
+
+@pytest.mark.parametrize("backend", ["milvus_server", "milvus_lite"])
+def test_two_processes_index_every_image_once(run, embedder, splits, tmp_path, backend, request):
+  uri = request.getfixturevalue("milvus_server") if backend == "milvus_server" else str(tmp_path / "lite.db")
+  outputs = index_with_two_processes(run, uri, tmp_path)
+  assert "Indexed 24 synthetic_inshop/tiny gallery images by 2 processes" in outputs[0]
+  assert "now holds 24 images" in outputs[0]
+  # The global batch of 16 holds 8 images of each process: process 0 has images 0-7 and 16-23, process 1 8-15.
+  written = [int(re.search(r"upserted (\d+) rows", output).group(1)) for output in outputs]
+  if backend == "milvus_server":
+    assert written == [16, 8]  # Each process upserts its own rows.
+  else:
+    assert written == [24, 0]  # Milvus Lite: one process opens the database; process 0 upserts every row.
+  gallery, gallery_index, _ = splits["gallery"]
+  with catalog.Catalog(run[0], uri, embedder=embedder, data_dir=run[1], create=False) as shop:
+    assert shop.count() == 24
+    rows = shop.client.query(shop.collection, filter="", output_fields=["image", "vector", "item_id"], limit=100)
+  assert sorted(row["image"] for row in rows) == sorted(str(n) for n in gallery_index.image_names)
+  by_name = {row["image"]: row for row in rows}
+  for i, name in enumerate(gallery_index.image_names):
+    # The vectors the processes made are the single-process embeddings of the same images.
+    np.testing.assert_allclose(by_name[str(name)]["vector"], gallery[i], rtol=1e-4, atol=1e-5)
+    assert by_name[str(name)]["item_id"] == gallery_index.item_ids[i]

@@ -19,6 +19,7 @@ from jaxret.catalog.collection import Catalog
 from jaxret.catalog.collection import Hit
 from jaxret.catalog.collection import image_key_id
 from jaxret.catalog.errors import CatalogError
+from jaxret.catalog.errors import IncompatibleCollectionError
 from jaxret.catalog.files import UNKNOWN
 from jaxret.catalog.files import category_name
 from jaxret.catalog.files import labels_from_path
@@ -29,6 +30,7 @@ from jaxret.embedding import Embedder
 
 __all__ = [
     "DEFAULT_COLLECTION", "DEFAULT_URI", "FILE_SOURCE", "UNKNOWN", "Catalog", "CatalogError", "Embedder", "Hit",
+    "IncompatibleCollectionError",
     "category_name", "collection", "files", "image_key_id", "labels_from_path", "list_images", "load_image",
     "milvus", "preprocess", "report",
 ]

@@ -14,13 +14,20 @@ One collection holds the embeddings of one model. Its properties record the vect
 a fingerprint of the model (its config and weights); a checkpoint with another fingerprint is refused, since
 distances between embeddings of two models mean nothing. Rows are keyed by a 63-bit hash of where the image
 comes from (dataset split and image name, or file path), so indexing the same images again replaces them.
+
+In a program of several processes (`jax.distributed`), every process makes the same `Catalog`: process 0
+opens (and checks, drops with `overwrite`, creates) the collection first, then the others. Each process
+embeds its share of the images; with a Milvus server each upserts its own rows, while a Milvus Lite
+database, which one process may open, is opened by process 0 alone, which receives every row and upserts them.
 """
 
 from collections.abc import Sequence
 import dataclasses
 import hashlib
+import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
 from tqdm import auto as tqdm
@@ -31,6 +38,7 @@ from jaxret import metrics
 from jaxret.catalog import files
 from jaxret.catalog import milvus
 from jaxret.catalog.errors import CatalogError
+from jaxret.catalog.errors import IncompatibleCollectionError
 
 DEFAULT_URI = "catalog.db"
 DEFAULT_COLLECTION = "jaxret_catalog"
@@ -41,6 +49,7 @@ _UPSERT_ROWS = 1000
 # Queries per search request: Milvus Lite's exact search builds a [queries, rows, dim] float32 difference
 # array, so a request is kept to about this many floats.
 _SEARCH_FLOATS = 1 << 25
+_COUNT_SECONDS = 30.0  # How old the row count that sizes Milvus Lite search requests may be.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +89,13 @@ def image_key_id(source: str, image: str) -> int:
   return int.from_bytes(digest[:8], "big") >> 1
 
 
+def _sum_over_processes(count: int) -> int:
+  """The sum of `count` over the processes (every process calls it: a barrier too)."""
+  if jax.process_count() == 1:
+    return count
+  return int(np.asarray(multihost_utils.process_allgather(np.int32(count))).sum())
+
+
 class Catalog:
   """A Milvus collection of catalogue images embedded by the latest checkpoint of a run; search it by photo.
 
@@ -117,13 +133,38 @@ class Catalog:
     self._search_params = search_params
     self._index_type = None  # Cached: describing the index is a round trip (and slow on Milvus Lite).
     self._sources = {}
+    self.rows_written = 0  # Rows this process has upserted through this Catalog.
+    self._count_cache = None  # (time.monotonic(), count()) for `_recent_count`.
+    self.client, self.uri = None, uri
+    if jax.process_count() == 1:
+      self._open(uri, overwrite=overwrite, create=create)
+      return
+    # Process 0 first, alone: it drops (overwrite) and creates the collection, so the others find it made,
+    # and its verdict (e.g. "another model's collection") stops every process, not only itself.
+    failure = None
+    if jax.process_index() == 0:
+      try:
+        self._open(uri, overwrite=overwrite, create=create)
+        if create and not self.exists():
+          self._create()
+      except BaseException as e:  # Re-raised below, after telling the others.
+        failure = e
+    opened = bool(multihost_utils.broadcast_one_to_all(np.int32(failure is None)))
+    if failure is not None:
+      raise failure
+    if not opened:
+      raise CatalogError(f"Process 0 could not open the catalogue {uri}; its error says why.")
+    if jax.process_index() != 0 and not milvus.is_lite(uri):
+      self._open(uri, overwrite=False, create=False)
+
+  def _open(self, uri: str, *, overwrite: bool, create: bool) -> None:
     self.client, self.uri = milvus.connect(uri, create=create)
     try:
-      if overwrite and self.client.has_collection(collection):
-        self.client.drop_collection(collection)
+      if overwrite and self.client.has_collection(self.collection):
+        self.client.drop_collection(self.collection)
       if self.exists():
         self._check_compatible()
-        self.client.load_collection(collection)  # Searches and queries need it loaded (a no-op if it is).
+        self.client.load_collection(self.collection)  # Searches and queries need it loaded (a no-op if it is).
       elif not create:
         self._require_collection()
     except BaseException:
@@ -145,7 +186,14 @@ class Catalog:
 
   # The collection and its metadata.
   def exists(self) -> bool:
-    return self.client.has_collection(self.collection)
+    return self._connected().has_collection(self.collection)
+
+  def _connected(self):
+    """The Milvus client; an error in the processes that hold none (Milvus Lite, process 1 and up)."""
+    if self.client is None:
+      raise CatalogError(f"This process (index {jax.process_index()}) has no connection to {self.uri}: a "
+                         "Milvus Lite database is opened by process 0 only, and a closed Catalog by none.")
+    return self.client
 
   @property
   def metric_type(self) -> str:
@@ -160,13 +208,13 @@ class Catalog:
 
   def stored_metadata(self) -> dict[str, str]:
     """The metadata recorded in the existing collection (empty when it was not made by jaxret)."""
-    properties = self.client.describe_collection(self.collection).get("properties", {})
+    properties = self._connected().describe_collection(self.collection).get("properties", {})
     return {k[len(_PROPERTY_PREFIX):]: v for k, v in properties.items() if k.startswith(_PROPERTY_PREFIX)}
 
   def index_type(self) -> str:
     """The vector index of the existing collection ("FLAT", "HNSW", ...)."""
     if self._index_type is None:
-      self._index_type = self.client.describe_index(self.collection, "vector")["index_type"]
+      self._index_type = self._connected().describe_index(self.collection, "vector")["index_type"]
     return self._index_type
 
   def _check_compatible(self) -> None:
@@ -174,24 +222,29 @@ class Catalog:
     where = f"Collection {self.collection!r} in {self.uri}"
     fix = ("Index into another collection (--collection NAME), or replace this one (python -m jaxret.index "
            "--overwrite).")
+
+    def refuse(message: str):
+      return IncompatibleCollectionError(f"{where} {message} {fix}", made_by_workdir=stored.get("workdir"))
+
     if "fingerprint" not in stored:
-      raise CatalogError(f"{where} was not made by jaxret.index (it records no model). {fix}")
+      raise refuse("was not made by jaxret.index (it records no model).")
     ours = self.metadata()
     made_by = (f"model {stored.get('model')} at step {stored.get('step')} of {stored.get('workdir')} "
                f"(fingerprint {stored['fingerprint']})")
     if stored.get("dim") != ours["dim"]:
-      raise CatalogError(f"{where} holds {stored.get('dim')}-dimensional vectors made by {made_by}, but the "
-                         f"checkpoint of {self.embedder.workdir} makes {ours['dim']}-dimensional ones. {fix}")
+      raise refuse(f"holds {stored.get('dim')}-dimensional vectors made by {made_by}, but the checkpoint of "
+                   f"{self.embedder.workdir} makes {ours['dim']}-dimensional ones.")
     if stored.get("metric") != ours["metric"]:
-      raise CatalogError(f"{where} ranks by the {stored.get('metric')} metric, but the run in "
-                         f"{self.embedder.workdir} is evaluated with {ours['metric']}. {fix}")
+      raise refuse(f"ranks by the {stored.get('metric')} metric, but the run in {self.embedder.workdir} is "
+                   f"evaluated with {ours['metric']}.")
     if stored["fingerprint"] != ours["fingerprint"]:
-      raise CatalogError(f"{where} holds vectors made by {made_by}, not by the model at step {ours['step']} "
-                         f"of {ours['workdir']} (fingerprint {ours['fingerprint']}); distances between two "
-                         f"models' embeddings mean nothing. {fix}")
+      raise refuse(f"holds vectors made by {made_by}, not by the model at step {ours['step']} of "
+                   f"{ours['workdir']} (fingerprint {ours['fingerprint']}); distances between two models' "
+                   "embeddings mean nothing.")
     if self._requested_index is not None and self.index_type() != self._requested_index:
-      raise CatalogError(f"{where} has a {self.index_type()} index, not {self._requested_index}. Rebuild it "
-                         "with --overwrite, or index into another collection (--collection NAME).")
+      raise IncompatibleCollectionError(
+          f"{where} has a {self.index_type()} index, not {self._requested_index}. Rebuild it with --overwrite, "
+          "or index into another collection (--collection NAME).", made_by_workdir=stored.get("workdir"))
 
   def _create(self) -> None:
     milvus.create_collection(
@@ -210,7 +263,7 @@ class Catalog:
     """Rows in the collection (0 when it does not exist)."""
     if not self.exists():
       return 0
-    return int(self.client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+    return int(self._connected().query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
   # Adding images.
   def upsert(self, embeddings: np.ndarray, item_ids: Sequence[int], categories: Sequence[int],
@@ -246,18 +299,35 @@ class Catalog:
     rows = list(rows.values())
     for start in tqdm.trange(0, len(rows), _UPSERT_ROWS, desc="upserting", unit="chunk", leave=False,
                              disable=len(rows) <= _UPSERT_ROWS):
-      self.client.upsert(self.collection, rows[start:start + _UPSERT_ROWS])
+      self._connected().upsert(self.collection, rows[start:start + _UPSERT_ROWS])
     # Sealing the new rows lets Milvus build the vector index on them (they are brute-forced until then).
-    self.client.flush(self.collection)
+    self._connected().flush(self.collection)
+    self.rows_written += len(rows)
+    self._count_cache = None
     return len(rows)
 
+  def _each_process_writes(self) -> bool:
+    """Whether each process upserts the rows it embedded (one process, or a Milvus server) rather than
+    handing them to process 0 (Milvus Lite with several processes: only process 0 has the database open)."""
+    return jax.process_count() == 1 or not milvus.is_lite(self.uri)
+
   def add_split(self, split: str = "gallery") -> int:
-    """Embeds and upserts every image of a split of the run's dataset; returns the number of images."""
-    embeddings, index, _ = self.embedder.embed_split(split, self.data_dir)
-    if jax.process_index() != 0:
-      return len(index)
-    return self.upsert(embeddings, index.item_ids, index.categories, [str(n) for n in index.image_names],
-                       f"{self.embedder.config.input.dataset}:{split}")
+    """Embeds and upserts every image of a split of the run's dataset; returns the number of images.
+
+    With several processes each embeds its share; the return value counts the images of all of them.
+    """
+    source = f"{self.embedder.config.input.dataset}:{split}"
+    if self._each_process_writes():
+      records, embeddings, index = self.embedder.embed_split_local(split, self.data_dir)
+      written = self.upsert(embeddings, index.item_ids[records], index.categories[records],
+                            [str(n) for n in index.image_names[records]], source)
+      return _sum_over_processes(written)
+    embeddings, index, _ = self.embedder.embed_split(split, self.data_dir)  # Every row, on every process.
+    written = 0
+    if jax.process_index() == 0:
+      written = self.upsert(embeddings, index.item_ids, index.categories, [str(n) for n in index.image_names],
+                            source)
+    return _sum_over_processes(written)
 
   def add_images(self, paths) -> tuple[int, list[str]]:
     """Embeds and upserts image files (a folder, searched recursively, or a list of files and folders).
@@ -265,20 +335,30 @@ class Catalog:
     The product and category come from `files.labels_from_path` (-1 when the path does not tell them).
 
     Returns:
-      `(number of images written, paths of files that could not be read as images)`.
+      `(number of images written, paths of files that could not be read as images)`, over all processes.
     """
     found = files.list_images(paths)
     if not found:
       raise CatalogError(f"No image files ({', '.join(files.IMAGE_EXTENSIONS)}) in {paths}.")
-    embeddings, readable = self.embedder.embed_files(found)
-    unreadable = [f for f, ok in zip(found, readable) if not ok]
+    if self._each_process_writes():
+      positions, embeddings, readable = self.embedder.embed_files_local(found)
+      unreadable = np.zeros(len(found), bool)
+      unreadable[positions[~readable]] = True
+      if jax.process_count() > 1:
+        unreadable = np.asarray(multihost_utils.process_allgather(unreadable)).any(axis=0)
+    else:
+      embeddings, readable = self.embedder.embed_files(found)  # Every row, on every process.
+      positions = np.arange(len(found))
+      unreadable = ~readable
+      if jax.process_index() != 0:
+        readable = np.zeros_like(readable)
     keep = np.flatnonzero(readable)
-    if jax.process_index() != 0 or not len(keep):
-      return 0, unreadable
-    labels = [files.labels_from_path(found[i]) for i in keep]
-    written = self.upsert(embeddings[keep], [l[0] for l in labels], [l[1] for l in labels],
-                          [found[i] for i in keep], FILE_SOURCE)
-    return written, unreadable
+    written = 0
+    if len(keep):
+      labels = [files.labels_from_path(found[positions[i]]) for i in keep]
+      written = self.upsert(embeddings[keep], [l[0] for l in labels], [l[1] for l in labels],
+                            [found[positions[i]] for i in keep], FILE_SOURCE)
+    return _sum_over_processes(written), [found[i] for i in np.flatnonzero(unreadable)]
 
   # Searching.
   def default_search_params(self, k: int) -> dict:
@@ -290,8 +370,12 @@ class Catalog:
       return {"nprobe": 32}
     return {}
 
-  def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> list[list[Hit]]:
-    """The k nearest catalogue images of each of `[Q, D]` query embeddings, nearest first."""
+  def search_embeddings(self, embeddings: np.ndarray, k: int = 10, *,
+                        category: int | None = None) -> list[list[Hit]]:
+    """The k nearest catalogue images of each of `[Q, D]` query embeddings, nearest first.
+
+    With `category` (a label, an index into `CATEGORY_NAMES`) only images of that category are searched.
+    """
     self._require_collection()
     embeddings = np.asarray(embeddings, np.float32)
     if embeddings.ndim != 2 or embeddings.shape[1] != self.embedder.dim:
@@ -306,9 +390,10 @@ class Catalog:
     results = []
     for start in range(0, len(embeddings), per_request):
       chunk = embeddings[start:start + per_request]
-      answer = self.client.search(self.collection, data=chunk, limit=min(k, 16384),
-                                  output_fields=["item_id", "category", "image", "source"],
-                                  search_params=params)
+      answer = self._connected().search(self.collection, data=chunk, limit=min(k, 16384),
+                                        filter="" if category is None else f"category == {int(category)}",
+                                        output_fields=["item_id", "category", "image", "source"],
+                                        search_params=params)
       results.extend([self._hit(rank, hit) for rank, hit in enumerate(hits, start=1)] for hits in answer)
     return results
 
@@ -320,8 +405,16 @@ class Catalog:
     """
     per_request = max(1, min(1024, 16384 // k))
     if num_queries > 1 and milvus.is_lite(self.uri) and self.index_type() == "FLAT":
-      per_request = min(per_request, max(1, _SEARCH_FLOATS // (max(1, self.count()) * self.embedder.dim)))
+      per_request = min(per_request, max(1, _SEARCH_FLOATS // (max(1, self._recent_count()) * self.embedder.dim)))
     return per_request
+
+  def _recent_count(self) -> int:
+    """`count()` read at most every `_COUNT_SECONDS`: it only bounds the memory of a search request, and on
+    Milvus Lite it costs a pass over every row (as much as a small search)."""
+    now = time.monotonic()
+    if self._count_cache is None or now - self._count_cache[0] > _COUNT_SECONDS:
+      self._count_cache = (now, self.count())
+    return self._count_cache[1]
 
   def _hit(self, rank: int, hit) -> Hit:
     entity = hit["entity"]
@@ -356,6 +449,17 @@ class Catalog:
     return metrics.recall_from_ranks(ranks, ks)
 
   # Pictures of results.
+  def row(self, row_id: int) -> Hit | None:
+    """The catalogue image with primary key `row_id` as a Hit (rank 0, distance 0), or None if there is none."""
+    self._require_collection()
+    rows = self._connected().query(self.collection, filter=f"id == {int(row_id)}",
+                                   output_fields=["item_id", "category", "image", "source"])
+    if not rows:
+      return None
+    row = rows[0]
+    return Hit(rank=0, distance=0.0, id=int(row["id"]), item_id=int(row["item_id"]),
+               category=int(row["category"]), image=row["image"], source=row["source"])
+
   def thumbnail(self, hit: Hit, size: int = 128) -> np.ndarray:
     """`[size, size, 3]` uint8 picture of a result (from its file, or from its dataset split)."""
     if hit.source == FILE_SOURCE:
