@@ -52,7 +52,7 @@ def test_worker_processes_and_this_process_build_the_same_cache(builder, records
   labels = decoded_cache.open_split(builder, "train", None, cache_dir=str(tmp_path / "b"), num_workers=0)
   assert labels.images is None
   np.testing.assert_array_equal(labels.index.item_ids, here.index.item_ids)
-  assert sorted(os.listdir(tmp_path / "b" / "synthetic_inshop" / "tiny" / "1.0.0")) == ["train-16px", "train-labels"]
+  assert sorted(os.listdir(tmp_path / "b" / "synthetic_inshop" / "tiny" / str(builder.info.version))) == ["train-16px", "train-labels"]
 
 
 def test_default_location_is_beside_the_prepared_dataset(builder):
@@ -77,7 +77,8 @@ def test_a_stale_cache_is_rebuilt(builder, records, tmp_path, capsys):
   # Another dataset version.
   with open(meta_path) as f:
     meta = json.load(f)
-  meta["dataset"] = meta["dataset"].replace("1.0.0", "0.9.0")
+  assert str(builder.info.version) in meta["dataset"]
+  meta["dataset"] = meta["dataset"].replace(str(builder.info.version), "0.9.0")
   with open(meta_path, "w") as f:
     json.dump(meta, f)
   assert rebuilt(builder, cache_dir, capsys)
@@ -124,7 +125,7 @@ decoded_cache.open_split(builder, "train", 16, cache_dir={cache_dir!r}, num_work
 """
   completed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert completed.returncode == -signal.SIGKILL, completed.stderr[-2000:]
-  root = os.path.join(cache_dir, "synthetic_inshop", "tiny", "1.0.0")
+  root = os.path.join(cache_dir, "synthetic_inshop", "tiny", str(builder.info.version))
   left = os.listdir(root)
   assert len(left) == 1 and left[0].startswith("train-16px.tmp-"), left  # Only the temporary folder.
   half = np.load(os.path.join(root, left[0], "images.npy"), mmap_mode="r")

@@ -95,8 +95,12 @@ def test_a_lost_process_stops_the_other_and_both_resume(tmp_path, data_dir):
   output = processes[0].stdout.read()
   assert processes[0].returncode != 0, output[-3000:]
   assert time.time() - killed_at < 60
-  # One line before the runtime's trace says what happened, whatever the runtime prints after it.
-  assert "error: process 0 of 2 stops:" in output, output[-3000:]
+  # One line says what happened: ours when the error reaches Python first (a collective that fails when the
+  # peer's connection closes), else the runtime's, which ends the process itself when its main thread is
+  # blocked in a collective as the heartbeat times out (jaxret.distributed.report_peer_failure).
+  assert ("error: process 0 of 2 stops:" in output
+          or "Terminating process because the JAX distributed service detected fatal errors. This most likely "
+             "indicates that another task died" in output), output[-3000:]
   finished = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
   assert finished and finished[-1] < 24, f"the run was not interrupted: checkpoints {finished}"
 
