@@ -61,7 +61,8 @@ def init_variables(model, config: ml_collections.ConfigDict, out_sharding=None) 
   def init():
     key = jax.random.key(config.seed)
     variables = model.init({"params": key, "dropout": jax.random.fold_in(key, 1)},
-                           jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+                           jnp.zeros((1, size, size, 3), jnp.float32), train=False,
+                           category=jnp.zeros((1,), jnp.int32))  # Read only by label_leaky_eval models.
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
   return jax.jit(init, out_shardings=out_sharding)()

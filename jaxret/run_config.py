@@ -123,6 +123,7 @@ def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
   config.input.image_size = 32
   config.input.batch_size = 16
   config.input.images_per_product = 4
+  config.input.categories_per_batch = 2  # With category_balanced: 2 categories x 2 products x 4 images.
   config.input.num_threads = 2
   if not config.model.name.endswith("_tiny"):
     config.model.name += "_tiny"

@@ -185,7 +185,8 @@ def loss_context(config: ml_collections.ConfigDict, model, builder, train_index)
   size = config.input.image_size
   embedding_shape = jax.eval_shape(
       lambda: model.init_with_output({"params": jax.random.key(0), "dropout": jax.random.key(0)},
-                                     jnp.zeros((1, size, size, 3)), train=False)[0][0])
+                                     jnp.zeros((1, size, size, 3)), train=False,
+                                     category=jnp.zeros((1,), jnp.int32))[0][0])
   num_categories = builder.info.features["category"].num_classes
   return losses.LossContext(num_classes=len(np.unique(train_index.item_ids)), num_categories=num_categories,
                             embedding_dim=int(embedding_shape.shape[-1]))
