@@ -26,10 +26,10 @@ def get_config(arg=None):
   config.model.dropout_rate = 0.0
   config.model.logit_update = "replace"
   config.loss.name = "category_quadruplet"
-  config.loss.category_quadruplet.update(margin1=0.1, margin2=1.0, weight1=0.9, weight2=0.1, squared=True,
+  config.loss.category_quadruplet.update(margin1=0.2, margin2=0.2, weight1=0.9, weight2=0.1, squared=False,
                                          mining="batch_all")
   config.optim.learning_rate = 1e-3
-  config.total_steps = 3000
+  config.total_steps = 1500  # The length of the sweep's runs (docs/benchmarks.md).
   config.warmup_steps = 50
   config.log_every = 25
   config.eval_every = 500
