@@ -149,3 +149,25 @@ def nearest_other_pair(distances: jax.typing.ArrayLike,
   candidate = jnp.where(nearest_is_anchor_label, second_d[None, :], nearest_d[None, :])
   candidate_valid = different & jnp.where(nearest_is_anchor_label, has_third[None, :], has_other[None, :])
   return reductions.masked_min(candidate, candidate_valid), jnp.any(candidate_valid, axis=1)
+
+
+def random_choice(mask: jax.typing.ArrayLike, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One column drawn uniformly at random among each row's True entries (random, not mined, tuples).
+
+  The draw is the argmax of Gumbel noise over the row's True entries, which picks each of them with equal
+  probability; no Python loop and no data-dependent shape.
+
+  Args:
+    mask: `[B, N]` booleans, e.g. the positives of every anchor.
+    key: a JAX PRNG key.
+
+  Returns:
+    `(index, valid)`, both `[B]`: the chosen column (int32, 0 where the row has no True entry) and whether
+    the row has one.
+  """
+  mask = jnp.asarray(mask)
+  noise = jax.random.gumbel(key, mask.shape, jnp.float32)
+  lowest = jnp.finfo(jnp.float32).min
+  index = jnp.argmax(jnp.where(mask, noise, lowest), axis=1).astype(jnp.int32)
+  valid = jnp.any(mask, axis=1)
+  return jnp.where(valid, index, 0), valid

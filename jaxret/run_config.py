@@ -12,10 +12,12 @@ from jaxret import losses
 from jaxret import metrics
 from jaxret import models
 from jaxret import rerank
+from jaxret import samplers
 
 SMOKE_ARG = "smoke"
 # Where the training images live while training (config.input.cache); see jaxret/input_pipeline.py.
 CACHE_MODES = ("device", "host", "stream", "auto")
+SCHEDULES = ("warmup_cosine", "exponential_per_epoch")
 
 
 class ConfigError(ValueError):
@@ -32,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.input.dataset = "synthetic_inshop/small"  # TFDS name: synthetic_inshop/* or deepfashion_inshop/*.
   config.input.image_size = 64  # Images are resized (and, in training, randomly cropped) to this square.
   config.input.batch_size = 32  # Global batch: P products x K images, split over all devices.
-  config.input.images_per_product = 4  # K; P = batch_size // K.
+  config.input.images_per_product = 4  # K; P = batch_size // K (pk), batch_size // (C * K) (category_balanced).
+  config.input.sampler = "pk"  # pk: P products x K images; category_balanced: C categories x P products x K.
+  config.input.categories_per_batch = 2  # C of the category_balanced sampler (unused by pk).
   config.input.num_threads = 4  # Threads decoding image files for the catalogue (jaxret.index, jaxret.search).
   config.input.crop_scale = (0.6, 1.0)  # Area fraction of the random resized crop (done on the device).
   config.input.color_jitter = 0.2  # Relative strength of brightness and contrast jitter.
@@ -88,7 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.loss[name] = section
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 1e-3  # Peak of the warm-up + cosine schedule (Adam).
+  config.optim.learning_rate = 1e-3  # Peak (warmup_cosine) or initial (exponential_per_epoch) rate, Adam.
+  config.optim.schedule = "warmup_cosine"  # Or exponential_per_epoch (the capsule papers' Keras schedule).
+  config.optim.decay_per_epoch = 0.995  # exponential_per_epoch: rate x this after each pass over the images.
   config.optim.weight_decay = 0.0  # Decoupled (AdamW) weight decay.
   config.optim.grad_clip_norm = 1.0  # Global gradient norm clip; 0 turns it off.
 
@@ -148,6 +154,7 @@ def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
   config.input.image_size = 32
   config.input.batch_size = 16
   config.input.images_per_product = 4
+  config.input.categories_per_batch = 2  # With category_balanced: 2 categories x 2 products x 4 images.
   config.input.num_threads = 2
   if not config.model.name.endswith("_tiny"):
     config.model.name += "_tiny"
@@ -205,6 +212,19 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   elif batch // k < 2:
     problems.append(f"config.input.batch_size={batch} holds fewer than 2 products of "
                     f"config.input.images_per_product={k} images; negatives need at least 2 products.")
+  if config.input.sampler not in samplers.SAMPLERS:
+    problems.append(f"config.input.sampler={config.input.sampler!r} must be one of {list(samplers.SAMPLERS)}.")
+  elif config.input.sampler == "category_balanced":
+    c = config.input.categories_per_batch
+    if not isinstance(c, int) or c < 1:
+      problems.append(f"config.input.categories_per_batch={c!r} must be a positive integer.")
+    elif k >= 1 and batch % (c * k):
+      problems.append(f"config.input.batch_size={batch} is not divisible by config.input.categories_per_batch={c} "
+                      f"x config.input.images_per_product={k} (C categories x P products x K images).")
+  if config.optim.schedule not in SCHEDULES:
+    problems.append(f"config.optim.schedule={config.optim.schedule!r} must be one of {list(SCHEDULES)}.")
+  elif config.optim.schedule == "exponential_per_epoch" and not 0 < config.optim.decay_per_epoch <= 1:
+    problems.append(f"config.optim.decay_per_epoch={config.optim.decay_per_epoch} must be in (0, 1].")
   for field, value in (("config.input.batch_size", batch), ("config.evals.batch_size", config.evals.batch_size)):
     if value % device_count:
       problems.append(f"{field}={value} is not divisible by the {device_count} devices; use a multiple of "

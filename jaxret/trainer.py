@@ -74,17 +74,46 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   objective: losses.objective.Objective) -> optax.GradientTransformation:
-  """Adam(W) with linear warm-up and cosine decay, gradient clipping by global norm.
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int | None = None) -> optax.Schedule:
+  """The learning rate of every step, from `config.optim.schedule`.
+
+  * "warmup_cosine": linear warm-up over `config.warmup_steps` to `config.optim.learning_rate`, then cosine
+    decay to 0 at `config.total_steps`.
+  * "exponential_per_epoch": linear warm-up (none when `config.warmup_steps` is 0), then the rate times
+    `config.optim.decay_per_epoch` after every epoch of `steps_per_epoch` steps, as the published capsule
+    retrieval code does (x0.995 per epoch, Keras' LearningRateScheduler).
+
+  Raises:
+    ValueError: "exponential_per_epoch" without `steps_per_epoch`, or an unknown schedule.
+  """
+  peak = config.optim.learning_rate
+  if config.optim.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=config.warmup_steps,
+        decay_steps=max(config.total_steps, config.warmup_steps + 1), end_value=0.0)
+  if config.optim.schedule == "exponential_per_epoch":
+    if not steps_per_epoch:
+      raise ValueError("config.optim.schedule='exponential_per_epoch' needs steps_per_epoch (training images "
+                       "// global batch size).")
+    decay = optax.exponential_decay(peak, transition_steps=steps_per_epoch,
+                                    decay_rate=config.optim.decay_per_epoch, staircase=True)
+    if config.warmup_steps == 0:
+      return decay
+    # Epochs count from step 0; the warm-up only scales the first steps.
+    return lambda step: decay(step) * jnp.minimum(1.0, step / config.warmup_steps)
+  raise ValueError(f"config.optim.schedule={config.optim.schedule!r} must be one of {list(run_config.SCHEDULES)}.")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, objective: losses.objective.Objective,
+                   steps_per_epoch: int | None = None) -> optax.GradientTransformation:
+  """Adam(W) on `learning_rate_schedule(config, steps_per_epoch)`, gradient clipping by global norm.
 
   It updates `{"model": params, "loss": loss_params}`; the parameters of each loss term learn at the model's
   rate times that term's `lr_multiplier` (e.g. x100 for Proxy-Anchor's proxies), through
-  `optax.multi_transform`.
+  `optax.multi_transform`. `steps_per_epoch` (training images // global batch) is needed only by the
+  "exponential_per_epoch" schedule.
   """
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.optim.learning_rate, warmup_steps=config.warmup_steps,
-      decay_steps=max(config.total_steps, config.warmup_steps + 1), end_value=0.0)
+  schedule = learning_rate_schedule(config, steps_per_epoch)
 
   def adamw(multiplier: float) -> optax.GradientTransformation:
     rate = schedule if multiplier == 1.0 else (lambda step: multiplier * schedule(step))
@@ -183,7 +212,8 @@ def loss_context(config: ml_collections.ConfigDict, model, builder, train_index)
   size = config.input.image_size
   embedding_shape = jax.eval_shape(
       lambda: model.init_with_output({"params": jax.random.key(0), "dropout": jax.random.key(0)},
-                                     jnp.zeros((1, size, size, 3)), train=False)[0][0])
+                                     jnp.zeros((1, size, size, 3)), train=False,
+                                     category=jnp.zeros((1,), jnp.int32))[0][0])
   num_categories = builder.info.features["category"].num_classes
   return losses.LossContext(num_classes=len(np.unique(train_index.item_ids)), num_categories=num_categories,
                             embedding_dim=int(embedding_shape.shape[-1]))
@@ -270,7 +300,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                             products_per_batch=products_per_batch)
   training_index = (train_index if held_out is None
                     else validation.subset_index(train_index, held_out.train_records))
-  sampler = samplers.PKSampler(training_index.item_ids, products_per_batch, images_per_product, config.seed)
+  sampler = samplers.sampler_from_config(config.input, training_index.item_ids, training_index.categories,
+                                        config.seed)
   if held_out is not None:
     sampler = validation.SubsetSampler(sampler, held_out.train_records, train_index.item_ids)
 
@@ -278,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   replicated = sharding.replicated(mesh)
   model = embedding.model_from_config(config)
   objective = losses.objective_from_config(config.loss)
-  tx = make_optimizer(config, objective)
+  tx = make_optimizer(config, objective, steps_per_epoch=max(1, len(training_index) // config.input.batch_size))
   state = create_state(config, model, tx, objective, loss_context(config, model, builder, training_index),
                        replicated)
   if is_chief:

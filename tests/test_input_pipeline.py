@@ -206,3 +206,112 @@ def test_auto_cache_puts_the_split_where_it_fits():
   assert mode == "stream" and "RAM" in why
   assert input_pipeline.choose_cache("stream", num_records=1000, size=32, memory_fraction=0.5,
                                      devices=[fake_device(10 * split_bytes)])[0] == "stream"
+
+
+
+def make_category_split(seed=0):
+  """Records of 5 categories with 1 to 6 products each, products with 1 to 5 images, shuffled."""
+  rng = np.random.default_rng(seed)
+  item_ids, categories = [], []
+  for category, num_products in enumerate((3, 6, 1, 4, 5)):
+    for p in range(num_products):
+      images = (1, 2, 3, 5)[(category + p) % 4]
+      item_ids += [100 * category + p] * images
+      categories += [category] * images
+  order = rng.permutation(len(item_ids))
+  return np.asarray(item_ids)[order], np.asarray(categories)[order]
+
+
+def test_category_balanced_batches_hold_c_categories_p_products_k_images():
+  item_ids, categories = make_category_split()
+  kwargs = dict(categories_per_batch=2, products_per_category=2, images_per_product=3)
+  sampler = samplers.CategoryBalancedSampler(item_ids, categories, seed=5, **kwargs)
+  again = samplers.CategoryBalancedSampler(item_ids, categories, seed=5, **kwargs)
+  other_seed = samplers.CategoryBalancedSampler(item_ids, categories, seed=6, **kwargs)
+  counts = {p: np.sum(item_ids == p) for p in np.unique(item_ids)}
+  # Categories with at least P = 2 products of 2+ images: 0 (products 0, 1, 2 -> images 1, 2, 3), 1, 3, 4.
+  eligible = {0, 1, 3, 4}
+  assert sampler.batch_size == 12 and sampler.steps_per_epoch == len(eligible) // 2
+  visits = {c: [] for c in eligible}
+  for step in range(6 * sampler.steps_per_epoch):
+    records = sampler.batch_records(step)
+    assert records.shape == (12,)
+    products = item_ids[records].reshape(2, 2, 3)
+    batch_categories = categories[records].reshape(2, 2, 3)
+    assert np.all(products == products[..., :1])  # K images of one product per block
+    assert np.all(batch_categories == batch_categories[:, :1, :1])  # P products of one category per block
+    assert len(set(batch_categories[:, 0, 0])) == 2  # C different categories
+    assert set(batch_categories[:, 0, 0]) <= eligible
+    assert len(set(products[:, :, 0].ravel())) == 4  # no product twice in a batch
+    assert all(counts[p] >= 2 for p in products[:, :, 0].ravel())
+    for block in records.reshape(4, 3):
+      if counts[item_ids[block[0]]] >= 3:
+        assert len(set(block)) == 3  # without replacement when the product has enough images
+    np.testing.assert_array_equal(records, again.batch_records(step))
+    for c in set(batch_categories[:, 0, 0]):
+      visits[c].append(step // sampler.steps_per_epoch)
+  for c, epochs in visits.items():
+    assert len(epochs) == len(set(epochs))  # each category at most once per category epoch
+    assert len(epochs) >= 2
+  # A category's visits within one round of its products bring P new products each.
+  for c in eligible:
+    usable = {p for p in np.unique(item_ids[categories == c]) if counts[p] >= 2}
+    round_products = [item_ids[sampler._records_by_product[sampler._starts[p]]]
+                      for v in range(len(usable) // 2) for p in sampler.category_products(c, v)]
+    assert len(round_products) == len(set(round_products)) and set(round_products) <= usable
+  assert any(not np.array_equal(sampler.batch_records(s), other_seed.batch_records(s)) for s in range(4))
+
+
+def test_category_balanced_too_few_categories_or_products_is_a_config_error():
+  item_ids, categories = make_category_split()
+  with pytest.raises(run_config.ConfigError, match=r"categories_per_batch=5 .* has 4 such categories"):
+    samplers.CategoryBalancedSampler(item_ids, categories, 5, 2, 2, seed=0)
+  with pytest.raises(run_config.ConfigError, match=r"at least 6 products .* has 0 such categories"):
+    samplers.CategoryBalancedSampler(item_ids, categories, 1, 6, 2, seed=0)
+
+
+@pytest.mark.parametrize("process_count", [2, 3, 4])
+def test_category_balanced_batches_split_over_processes_equal_the_global_batch(process_count):
+  item_ids, categories = make_category_split(1)
+  # Each record's pixels encode its record index, so the images show which records a batch holds.
+  images = np.broadcast_to((np.arange(len(item_ids)) % 256).astype(np.uint8)[:, None, None, None],
+                           (len(item_ids), 2, 2, 3))
+  index = decoded_cache.SplitIndex(item_ids.astype(np.int64), categories.astype(np.int32),
+                                   np.asarray([f"img_{i}" for i in range(len(item_ids))]))
+  decoded = decoded_cache.DecodedSplit(path="", index=index, images=images)
+  sampler = samplers.CategoryBalancedSampler(item_ids, categories, 2, 2, 3, seed=3)
+
+  def batches(process_index, count):
+    return [{k: np.copy(v) for k, v in batch.items()} for batch in input_pipeline.host_local_batches(
+        decoded, sampler, first_step=0, num_steps=3, process_index=process_index, process_count=count)]
+
+  whole = batches(0, 1)
+  for step, batch in enumerate(whole):
+    records = sampler.batch_records(step)
+    np.testing.assert_array_equal(batch["item_id"], item_ids[records])
+    np.testing.assert_array_equal(batch["category"], categories[records])
+    np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], records % 256)
+  parts = [batches(p, process_count) for p in range(process_count)]
+  for step in range(3):
+    for key in ("image", "item_id", "category", "class_index"):
+      np.testing.assert_array_equal(np.concatenate([part[step][key] for part in parts]), whole[step][key])
+
+
+def test_sampler_from_config_and_its_checks():
+  item_ids, categories = make_category_split()
+  config = run_config.base_config()
+  config.input.batch_size, config.input.images_per_product = 12, 3
+  pk = samplers.sampler_from_config(config.input, item_ids, categories, seed=0)
+  assert isinstance(pk, samplers.PKSampler) and (pk.products_per_batch, pk.images_per_product) == (4, 3)
+  config.input.sampler, config.input.categories_per_batch = "category_balanced", 2
+  balanced = samplers.sampler_from_config(config.input, item_ids, categories, seed=0)
+  assert isinstance(balanced, samplers.CategoryBalancedSampler)
+  assert (balanced.categories_per_batch, balanced.products_per_category, balanced.images_per_product) == (2, 2, 3)
+  run_config.validate(config, device_count=1)
+  config.input.categories_per_batch = 3
+  with pytest.raises(run_config.ConfigError, match=r"batch_size=12 is not divisible by config.input.categories_"
+                     r"per_batch=3 x config.input.images_per_product=3"):
+    run_config.validate(config, device_count=1)
+  config.input.sampler = "balanced"
+  with pytest.raises(run_config.ConfigError, match=r"config.input.sampler='balanced' must be one of"):
+    run_config.validate(config, device_count=1)

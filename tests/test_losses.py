@@ -11,6 +11,7 @@ import pytest
 
 from jaxret import distances as distances_module
 from jaxret import losses
+from jaxret import miners
 
 # ---------------------------------------------------------------------------------------------------------
 # Float64 oracles: plain loops over anchors, pairs, triplets and quadruplets, straight from the definitions.
@@ -66,13 +67,27 @@ def triplet_oracle(d, labels, margin, mining):
   return np.mean(per_pair) if per_pair else 0.0
 
 
-def quadruplet_oracle(d, labels, margin1, margin2, adaptive_margin=False):
+def _mean_of_positive(values):
+  positive = [v for v in values if v > 0]
+  return np.mean(positive) if positive else 0.0
+
+
+def quadruplet_oracle(d, labels, margin1, margin2, adaptive_margin=False, mining="batch_hard"):
   n = len(labels)
   if adaptive_margin:
     pos_d = [d[i, j] for i in range(n) for j in range(n) if i != j and labels[i] == labels[j]]
     neg_d = [d[i, j] for i in range(n) for j in range(n) if labels[i] != labels[j]]
     gap = (np.mean(neg_d) if neg_d else 0.0) - (np.mean(pos_d) if pos_d else 0.0)
     margin1, margin2 = gap, 0.5 * gap
+  if mining == "batch_all":
+    # Every (a, p, n) and every (a, p, {i, j}); each term averaged over its tuples with positive loss.
+    term1 = [d[a, p] - d[a, k] + margin1 for a in range(n) for p in _positives(labels, a)
+             for k in _negatives(labels, a)]
+    term2 = [d[a, p] - d[i, j] + margin2 for a in range(n) for p in _positives(labels, a)
+             for i in range(n) for j in range(i + 1, n)
+             if labels[i] != labels[j] and labels[i] != labels[a] and labels[j] != labels[a]]
+    return _mean_of_positive(term1) + _mean_of_positive(term2)
+  assert mining == "batch_hard"
   per_anchor = []
   for a in range(n):
     pos, neg = _positives(labels, a), _negatives(labels, a)
@@ -87,20 +102,40 @@ def quadruplet_oracle(d, labels, margin1, margin2, adaptive_margin=False):
   return np.mean(per_anchor) if per_anchor else 0.0
 
 
-def category_quadruplet_oracle(d, items, categories, margin1, margin2, weight1, weight2):
+def category_quadruplet_oracle(d, items, categories, margin1, margin2, weight1, weight2, mining="batch_hard"):
   n = len(items)
   terms1, terms2 = [], []
   for a in range(n):
     pos = [p for p in range(n) if p != a and items[p] == items[a]]
     neg1 = [k for k in range(n) if categories[k] == categories[a] and items[k] != items[a]]
     neg2 = [k for k in range(n) if categories[k] != categories[a]]
+    if mining == "batch_all":  # Every (a, p, n1) and every (a, n1, n2).
+      terms1 += [d[a, p] - d[a, k] + margin1 for p in pos for k in neg1]
+      terms2 += [d[a, k] - d[a, m] + margin2 for k in neg1 for m in neg2]
+      continue
+    if mining == "random_expectation":  # Each anchor's expected loss over uniformly drawn tuples.
+      if pos and neg1:
+        terms1.append(np.mean([max(d[a, p] - d[a, k] + margin1, 0.0) for p in pos for k in neg1]))
+      if neg1 and neg2:
+        terms2.append(np.mean([max(d[a, k] - d[a, m] + margin2, 0.0) for k in neg1 for m in neg2]))
+      continue
     if pos and neg1:
       terms1.append(max(max(d[a, p] for p in pos) - min(d[a, k] for k in neg1) + margin1, 0.0))
     if neg1 and neg2:
       terms2.append(max(max(d[a, k] for k in neg1) - min(d[a, k] for k in neg2) + margin2, 0.0))
+  if mining == "batch_all":
+    return weight1 * _mean_of_positive(terms1) + weight2 * _mean_of_positive(terms2)
   mean1 = np.mean(terms1) if terms1 else 0.0
   mean2 = np.mean(terms2) if terms2 else 0.0
   return weight1 * mean1 + weight2 * mean2
+
+
+def random_triplet_expectation_oracle(d, labels, margin):
+  """The expected random-tuple triplet loss: per valid anchor, the mean over all its (p, n); mean of those."""
+  per_anchor = [np.mean([max(d[a, p] - d[a, k] + margin, 0.0) for p in _positives(labels, a)
+                         for k in _negatives(labels, a)])
+                for a in range(len(labels)) if _positives(labels, a) and _negatives(labels, a)]
+  return np.mean(per_anchor) if per_anchor else 0.0
 
 
 def contrastive_oracle(d, labels, margin):
@@ -144,7 +179,11 @@ def assert_close(got, want):
   assert abs(float(got) - want) <= 1e-4 * max(abs(want), 1e-3), (float(got), want)
 
 
-@pytest.mark.parametrize("mining", losses.TRIPLET_MINING)
+DETERMINISTIC_TRIPLET_MINING = [m for m in losses.TRIPLET_MINING if m != "random"]
+KEY = jax.random.key(0)  # For the "random" mining; the other minings ignore it.
+
+
+@pytest.mark.parametrize("mining", DETERMINISTIC_TRIPLET_MINING)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triplet_matches_loop(case, mining):
   num_classes, per_class, dim, margin, squared, metric = case
@@ -155,32 +194,98 @@ def test_triplet_matches_loop(case, mining):
   assert_close(got, triplet_oracle(distances_oracle(x, squared, metric), labels, margin, mining))
 
 
-@pytest.mark.parametrize("adaptive_margin", [False, True])
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_quadruplet_matches_loop(case, adaptive_margin):
+# Adaptive margins do not depend on the mining: one batch-all case with them is enough.
+QUADRUPLET_CASES = ([(case, adaptive, "batch_hard") for case in CASES for adaptive in (False, True)]
+                    + [(case, False, "batch_all") for case in CASES] + [(CASES[1], True, "batch_all")])
+
+
+@pytest.mark.parametrize("case,adaptive_margin,mining", QUADRUPLET_CASES, ids=str)
+def test_quadruplet_matches_loop(case, adaptive_margin, mining):
   num_classes, per_class, dim, margin, squared, metric = case
   x, labels = pk_batch(dim + num_classes, num_classes, per_class, dim)
   margin2 = 0.5 * margin
   fn = jax.jit(functools.partial(losses.quadruplet_loss, squared=squared, metric=metric,
-                                 adaptive_margin=adaptive_margin))
+                                 adaptive_margin=adaptive_margin, mining=mining))
   got = fn(x, labels, margin1=margin, margin2=margin2)
   assert got.shape == () and got.dtype == jnp.float32
-  want = quadruplet_oracle(distances_oracle(x, squared, metric), labels, margin, margin2, adaptive_margin)
+  want = quadruplet_oracle(distances_oracle(x, squared, metric), labels, margin, margin2, adaptive_margin,
+                           mining)
   assert_close(got, want)
 
 
+def nested_categories(items, num_items):
+  """Items nested in categories (every item's category is a function of the item), in two or three groups."""
+  return (np.abs(items) % (2 + num_items % 2)) * 1000 + 7
+
+
+@pytest.mark.parametrize("mining", ["batch_hard", "batch_all"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_category_quadruplet_matches_loop(case):
+def test_category_quadruplet_matches_loop(case, mining):
   num_items, per_item, dim, margin, squared, metric = case
   x, items = pk_batch(3 * dim + num_items, num_items, per_item, dim)
-  # Items nested in categories (every item's category is a function of the item), in two or three groups.
-  categories = (np.abs(items) % (2 + num_items % 2)) * 1000 + 7
-  kwargs = dict(margin1=margin, margin2=2 * margin, weight1=0.3, weight2=0.7, squared=squared, metric=metric)
+  categories = nested_categories(items, num_items)
+  kwargs = dict(margin1=margin, margin2=2 * margin, weight1=0.3, weight2=0.7, squared=squared, metric=metric,
+                mining=mining)
   got = jax.jit(functools.partial(losses.category_quadruplet_loss, **kwargs))(x, items, categories)
   assert got.shape == () and got.dtype == jnp.float32
   want = category_quadruplet_oracle(distances_oracle(x, squared, metric), items, categories, margin,
-                                    2 * margin, 0.3, 0.7)
+                                    2 * margin, 0.3, 0.7, mining)
   assert_close(got, want)
+
+
+def test_batch_all_negative_pair_sums_match_loop():
+  # The kernel behind Chen's batch-all second term: sum and count over (a, p, {i, j}), including batches
+  # with labels of one image only and labels of unequal sizes.
+  rng = np.random.default_rng(4)
+  for labels in ([5, 5, 9, 9, 2, 2], [1, 1, 1, 2, 3, 3, 4, 7, 7, 7, 7], [3, 3, 8, 8], [6] * 5):
+    labels = rng.permutation(labels)
+    d = distances_oracle(rng.normal(size=(len(labels), 3)), False, "euclidean")
+    losses_above_zero = [d[a, p] - d[i, j] + 0.8 for a in range(len(labels)) for p in _positives(labels, a)
+                         for i in range(len(labels)) for j in range(i + 1, len(labels))
+                         if labels[i] != labels[j] and labels[a] not in (labels[i], labels[j])]
+    losses_above_zero = [v for v in losses_above_zero if v > 0]
+    total, count = jax.jit(losses.quadruplet.batch_all_negative_pair_sums)(
+        jnp.asarray(d, jnp.float32), jnp.asarray(labels), 0.8)
+    assert count == len(losses_above_zero)
+    np.testing.assert_allclose(total, sum(losses_above_zero), rtol=1e-5, atol=1e-5)
+
+
+def test_random_choice_is_uniform_over_the_mask():
+  mask = np.array([[0, 1, 1, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
+  draws = 4000
+  index, valid = jax.jit(jax.vmap(miners.random_choice, in_axes=(None, 0)))(
+      mask, jax.random.split(jax.random.key(1), draws))
+  np.testing.assert_array_equal(valid, np.broadcast_to(mask.any(axis=1), (draws, 4)))
+  assert np.all(mask[np.arange(4)[None, :].repeat(draws, 0)[:, [0, 1, 3]], index[:, [0, 1, 3]]])
+  assert np.all(index[:, 2] == 0)
+  for row in (0, 3):
+    frequencies = np.bincount(index[:, row], minlength=5)[mask[row]] / draws
+    # Each allowed column with probability 1 / count; 4 standard errors of 4000 draws is under 0.03.
+    np.testing.assert_allclose(frequencies, 1 / mask[row].sum(), atol=0.03)
+
+
+def test_random_tuples_average_to_the_loop_expectation():
+  # With random tuples the loss of one step is one draw; over many keys it averages to each anchor's mean
+  # over all its tuples, averaged over anchors (a float64 loop). Also: a key gives one value, keys differ.
+  x, items = pk_batch(9, 4, 3, 5)
+  categories = nested_categories(items, 4)
+  d_plain = distances_oracle(x, False, "euclidean")
+  d_squared = distances_oracle(x, True, "euclidean")
+  keys = jax.random.split(jax.random.key(2), 3000)
+  triplet = jax.jit(jax.vmap(lambda k: losses.triplet_loss(x, items, margin=1.5, mining="random", key=k)))
+  quad = jax.jit(jax.vmap(lambda k: losses.category_quadruplet_loss(x, items, categories, margin1=2.0, margin2=5.0,
+                                                                     mining="random", key=k)))
+  triplet_draws, quad_draws = triplet(keys), quad(keys)
+  assert triplet_draws.dtype == jnp.float32 and np.std(triplet_draws) > 0 and np.std(quad_draws) > 0
+  np.testing.assert_allclose(np.mean(triplet_draws), random_triplet_expectation_oracle(d_plain, items, 1.5),
+                             rtol=0.03)
+  want = category_quadruplet_oracle(d_squared, items, categories, 2.0, 5.0, 0.1, 0.9, "random_expectation")
+  np.testing.assert_allclose(np.mean(quad_draws), want, rtol=0.03)
+  np.testing.assert_array_equal(triplet(keys[:5]), triplet(keys[:5]))
+  with pytest.raises(ValueError, match="pass key="):
+    losses.triplet_loss(x, items, margin=1.0, mining="random")
+  with pytest.raises(ValueError, match="pass key="):
+    losses.category_quadruplet_loss(x, items, categories, mining="random")
 
 
 def test_category_quadruplet_defaults_match_issue():
@@ -220,12 +325,13 @@ def test_float64_inputs_are_exact():
 
     @jax.jit
     def all_losses(v):
-      values = [losses.triplet_loss(v, labels, margin=0.4, mining=m) for m in losses.TRIPLET_MINING]
-      return values + [losses.quadruplet_loss(v, labels, margin1=0.4, margin2=0.2)]
+      values = [losses.triplet_loss(v, labels, margin=0.4, mining=m) for m in DETERMINISTIC_TRIPLET_MINING]
+      return values + [losses.quadruplet_loss(v, labels, margin1=0.4, margin2=0.2, mining=m)
+                       for m in losses.quadruplet.QUADRUPLET_MINING]
 
     got = all_losses(x)
-    want = [triplet_oracle(d, labels, 0.4, m) for m in losses.TRIPLET_MINING]
-    want += [quadruplet_oracle(d, labels, 0.4, 0.2)]
+    want = [triplet_oracle(d, labels, 0.4, m) for m in DETERMINISTIC_TRIPLET_MINING]
+    want += [quadruplet_oracle(d, labels, 0.4, 0.2, mining=m) for m in losses.quadruplet.QUADRUPLET_MINING]
     assert all(g.dtype == jnp.float64 for g in got)
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
@@ -238,7 +344,14 @@ GRAD_LOSSES = {
     "batch_all": lambda x, y, c: losses.triplet_loss(x, y, margin=0.5, mining="batch_all"),
     "semi_hard": lambda x, y, c: losses.triplet_loss(x, y, margin=0.5, mining="semi_hard", squared=True),
     "quadruplet": lambda x, y, c: losses.quadruplet_loss(x, y, margin1=0.5, margin2=0.3),
+    "quadruplet_batch_all": lambda x, y, c: losses.quadruplet_loss(x, y, margin1=0.5, margin2=2.0,
+                                                                   mining="batch_all"),
     "category_quadruplet": lambda x, y, c: losses.category_quadruplet_loss(x, y, c, margin2=0.5),
+    "category_quadruplet_batch_all": lambda x, y, c: losses.category_quadruplet_loss(
+        x, y, c, margin1=0.5, margin2=3.0, mining="batch_all"),
+    "category_quadruplet_random": lambda x, y, c: losses.category_quadruplet_loss(
+        x, y, c, margin1=3.0, margin2=3.0, mining="random", key=KEY),
+    "triplet_random": lambda x, y, c: losses.triplet_loss(x, y, margin=0.5, mining="random", key=KEY),
     "contrastive": lambda x, y, c: losses.contrastive_loss(x, y, margin=2.0),
     "contrastive_cosine": lambda x, y, c: losses.contrastive_loss(x, y, margin=0.5, metric="cosine"),
     "triplet_cosine": lambda x, y, c: losses.triplet_loss(x, y, margin=0.2, metric="cosine"),
@@ -299,15 +412,18 @@ def _degenerate_batches():
 def test_degenerate_batches_finite(squared, metric):
 
   def all_losses(v, labels, categories):
-    values = [losses.triplet_loss(v, labels, margin=0.3, mining=m, squared=squared, metric=metric)
+    values = [losses.triplet_loss(v, labels, margin=0.3, mining=m, squared=squared, metric=metric, key=KEY)
               for m in losses.TRIPLET_MINING]
     values += [
         losses.quadruplet_loss(v, labels, margin1=0.3, margin2=0.2, squared=squared, metric=metric),
         losses.quadruplet_loss(v, labels, margin1=0.3, margin2=0.2, squared=squared, metric=metric,
                                adaptive_margin=True),
-        losses.category_quadruplet_loss(v, labels, categories, squared=squared, metric=metric),
-        losses.contrastive_loss(v, labels, margin=0.5, metric=metric),
+        losses.quadruplet_loss(v, labels, margin1=0.3, margin2=0.2, squared=squared, metric=metric,
+                               mining="batch_all"),
     ]
+    values += [losses.category_quadruplet_loss(v, labels, categories, squared=squared, metric=metric, mining=m,
+                                               key=KEY) for m in losses.quadruplet.CATEGORY_QUADRUPLET_MINING]
+    values += [losses.contrastive_loss(v, labels, margin=0.5, metric=metric)]
     return jnp.stack(values)
 
   def weighted_sum(v, labels, categories, weights):
@@ -317,8 +433,9 @@ def test_degenerate_batches_finite(squared, metric):
   # Gradients of weighted sums instead of a Jacobian (much faster to compile): a non-finite entry in the
   # gradient of any term makes that of the sum non-finite too.
   grad_fn = jax.jit(jax.grad(weighted_sum, has_aux=True))
-  all_terms = np.ones(7, np.float32)
-  mined_terms = np.array([1, 1, 1, 1, 1, 1, 0], np.float32)  # Without the contrastive loss.
+  num_terms = len(losses.TRIPLET_MINING) + 3 + len(losses.quadruplet.CATEGORY_QUADRUPLET_MINING) + 1
+  all_terms = np.ones(num_terms, np.float32)
+  mined_terms = np.array([1] * (num_terms - 1) + [0], np.float32)  # Without the contrastive loss.
   for batch, (x, labels) in _degenerate_batches().items():
     categories = labels // 4
     total_grad, values = grad_fn(x, labels, categories, all_terms)
@@ -336,7 +453,7 @@ def test_no_valid_tuples_zero_loss_zero_grad():
   x = jnp.arange(12.0).reshape(6, 2)
   labels = jnp.arange(6)
   fn = jax.jit(jax.value_and_grad(
-      lambda v: sum(losses.triplet_loss(v, labels, margin=1.0, mining=m) for m in losses.TRIPLET_MINING)))
+      lambda v: sum(losses.triplet_loss(v, labels, margin=1.0, mining=m, key=KEY) for m in losses.TRIPLET_MINING)))
   value, grad = fn(x)
   assert value == 0.0 and np.all(grad == 0.0)
 
@@ -347,7 +464,10 @@ def test_single_example_batch():
   values = jax.jit(lambda v, y: [
       losses.triplet_loss(v, y, margin=1.0),
       losses.quadruplet_loss(v, y, margin1=1.0, margin2=1.0),
+      losses.quadruplet_loss(v, y, margin1=1.0, margin2=1.0, mining="batch_all"),
       losses.category_quadruplet_loss(v, y, y),
+      losses.category_quadruplet_loss(v, y, y, mining="batch_all"),
+      losses.category_quadruplet_loss(v, y, y, mining="random", key=KEY),
       losses.contrastive_loss(v, y, margin=1.0),
   ])(x, labels)
   np.testing.assert_array_equal(values, 0.0)
@@ -359,6 +479,8 @@ def test_invariant_to_batch_order_and_label_values():
   relabelled = labels * 3 + 1
   categories = np.where(np.abs(labels) % 2 == 0, 1, 2)
   for name, fn in GRAD_LOSSES.items():
+    if "random" in name:
+      continue  # Random tuples are drawn by position: the same in distribution only.
     fn = jax.jit(fn)
     a = fn(x, labels, categories)
     b = fn(x[perm], relabelled[perm], categories[perm])

@@ -165,23 +165,78 @@ def test_inshop_config_without_the_dataset_says_how_to_prepare_it(tmp_path):
   assert "Traceback" not in completed.stderr
 
 
-def test_inshop_config_trains_on_a_prepared_deepfashion_download(tmp_path):
-  """configs/inshop_triplet.py reads what `python -m data_prep.deepfashion_inshop` writes."""
+@pytest.fixture(scope="module")
+def deepfashion_data_dir(tmp_path_factory):
+  """What `python -m data_prep.deepfashion_inshop` writes for a small fake release: 6 training products in 4
+  categories (two categories with 2 products each, for the category-balanced sampler), 4 test products."""
   import fake_inshop  # pylint: disable=g-import-not-at-top  # tests/ is on sys.path under pytest.
   from data_prep.deepfashion_inshop import __main__ as prepare  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("deepfashion")
   categories = ("WOMEN/Dresses", "MEN/Denim", "WOMEN/Skirts", "MEN/Tees_Tanks")
   rows = [(f"img/{categories[item % 4]}/id_{item:08d}/{view:02d}_1_front.jpg", "train")
           for item in range(1, 7) for view in range(1, 4)]
   rows += [(f"img/{categories[item % 4]}/id_{item:08d}/{view:02d}_2_side.jpg", split)
            for item in range(11, 15) for view, split in ((1, "query"), (2, "gallery"), (3, "gallery"))]
-  fake_inshop.write_release(tmp_path / "download", fake_inshop.make_images(rows))
-  data_dir = tmp_path / "tfds"
-  assert prepare.main(["--manual_dir", str(tmp_path / "download"), "--data_dir", str(data_dir)]) == 0
-  config = load_config(REPO / "configs" / "inshop_triplet.py", "smoke", data_dir=str(data_dir))
+  fake_inshop.write_release(root / "download", fake_inshop.make_images(rows))
+  assert prepare.main(["--manual_dir", str(root / "download"), "--data_dir", str(root / "tfds")]) == 0
+  return root / "tfds"
+
+
+INSHOP_CONFIGS = ("inshop_triplet", "inshop_quad", "inshop_triplet_paper", "inshop_quad_paper")
+
+
+@pytest.mark.parametrize("name", INSHOP_CONFIGS)
+def test_inshop_config_trains_on_a_prepared_deepfashion_download(tmp_path, deepfashion_data_dir, name):
+  """Every In-shop config's `:smoke` run reads what `python -m data_prep.deepfashion_inshop` writes and trains
+  (the paper configs also embed the evaluation splits with their ground-truth categories)."""
+  config = load_config(REPO / "configs" / f"{name}.py", "smoke", data_dir=str(deepfashion_data_dir))
   assert config.input.dataset == "deepfashion_inshop/all"
   result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert 0 < result["recall@1"] <= result["recall@10"] == 1.0  # 4 products: every query is found in 10
-  assert len(read_metrics(tmp_path / "run")) > 3
+  rows = read_metrics(tmp_path / "run")
+  losses_logged = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses_logged) == 3 and all(np.isfinite(losses_logged))
+  assert any(r["grad_norm"] > 0 for r in rows if "loss" in r)  # Its batches hold tuples to learn from.
+
+
+def test_demo_quad_has_exactly_inshop_quads_loss_mining_and_sampler():
+  demo = load_config(REPO / "configs" / "demo_quad.py")
+  inshop = load_config(REPO / "configs" / "inshop_quad.py")
+  assert demo.loss.name == inshop.loss.name == "category_quadruplet"
+  assert demo.loss.category_quadruplet.to_dict() == inshop.loss.category_quadruplet.to_dict()
+  assert demo.input.sampler == inshop.input.sampler == "category_balanced"
+  assert demo.input.categories_per_batch == inshop.input.categories_per_batch
+  assert demo.input.images_per_product == inshop.input.images_per_product
+  for field in ("embedding", "dropout_rate", "logit_update"):
+    assert demo.model[field] == inshop.model[field], field
+  assert demo.input.dataset == "synthetic_inshop/small" and demo.model.name == "qrccapsnet_tiny"
+
+
+def test_demo_has_inshop_triplets_loss_and_model_options():
+  """The demo is configs/inshop_triplet.py's recipe at demo scale: its R@1 (docs/benchmarks.md) is the recipe's."""
+  demo = load_config(DEMO)
+  inshop = load_config(REPO / "configs" / "inshop_triplet.py")
+  assert demo.loss.name == inshop.loss.name == "triplet"
+  assert demo.loss.triplet.to_dict() == inshop.loss.triplet.to_dict()
+  for field in ("embedding", "dropout_rate", "logit_update"):
+    assert demo.model[field] == inshop.model[field], field
+
+
+def test_exponential_per_epoch_schedule():
+  config = load_config(REPO / "configs" / "inshop_quad_paper.py")
+  schedule = trainer.learning_rate_schedule(config, steps_per_epoch=10)
+  np.testing.assert_allclose([schedule(0), schedule(9), schedule(10), schedule(25)],
+                             [1e-3, 1e-3, 1e-3 * 0.995, 1e-3 * 0.995**2], rtol=1e-6)
+  config.warmup_steps = 4
+  schedule = trainer.learning_rate_schedule(config, steps_per_epoch=10)
+  np.testing.assert_allclose([schedule(0), schedule(2), schedule(4), schedule(10)],
+                             [0.0, 0.5e-3, 1e-3, 1e-3 * 0.995], rtol=1e-6)
+  with pytest.raises(ValueError, match="needs steps_per_epoch"):
+    trainer.learning_rate_schedule(config)
+  config.optim.schedule = "step"
+  with pytest.raises(run_config.ConfigError, match="config.optim.schedule='step' must be one of"):
+    run_config.validate(config, device_count=1)
+
 
 
 # A loss that owns a parameter: one learnable centre per training product, pulled towards its embeddings.

@@ -1,4 +1,4 @@
-"""Checks of the arrays every loss takes, and the distance matrix the losses start from."""
+"""Checks of the arrays every loss takes, the distance matrix the losses start from, and the step's key."""
 
 import jax
 import jax.numpy as jnp
@@ -71,3 +71,15 @@ def embedding_slices(embeddings: jax.Array, sizes, option: str) -> list[jax.Arra
                      f"change {option}.")
   starts = [sum(sizes[:i]) for i in range(len(sizes))]
   return [embeddings[:, start:start + size] for start, size in zip(starts, sizes)]
+
+
+def batch_key(batch) -> jax.Array | None:
+  """The PRNG key of a loss in this step: `batch["rng"]` (key data the trainer derives from the seed and the
+  step), or None when the batch has none (outside the trainer)."""
+  data = batch.get("rng")
+  return None if data is None else jax.random.wrap_key_data(data)
+
+
+def pick(distances: jax.Array, index: jax.Array) -> jax.Array:
+  """`distances[a, index[a]]` for every row a: `[B, N]`, `[B]` ints -> `[B]`."""
+  return jnp.take_along_axis(distances, index[:, None], axis=1)[:, 0]

@@ -22,12 +22,14 @@ from jaxret import miners
 from jaxret import reductions
 from jaxret.distances import METRICS
 from jaxret.losses.inputs import batch_distances
+from jaxret.losses.inputs import batch_key
 from jaxret.losses.inputs import check_labels
 from jaxret.losses.inputs import hinge
+from jaxret.losses.inputs import pick
 from jaxret.losses.registry import Loss
 from jaxret.losses.registry import Option
 
-TRIPLET_MINING = ("batch_hard", "batch_all", "semi_hard")
+TRIPLET_MINING = ("batch_hard", "batch_all", "semi_hard", "random")
 
 
 def batch_all_triplet_sums(distances: jax.Array, positive_mask: jax.Array, negative_mask: jax.Array,
@@ -75,7 +77,8 @@ def triplet_loss(embeddings: jax.typing.ArrayLike,
                  margin: jax.typing.ArrayLike,
                  mining: str = "batch_hard",
                  squared: bool = False,
-                 metric: str = "euclidean") -> jax.Array:
+                 metric: str = "euclidean",
+                 key: jax.Array | None = None) -> jax.Array:
   """Triplet loss max(d_ap - d_an + margin, 0) with online mining over the whole batch.
 
   Mining (a = anchor, p = positive: same label and p != a, n = negative: other label):
@@ -85,6 +88,8 @@ def triplet_loss(embeddings: jax.typing.ArrayLike,
     * "semi_hard" (Schroff et al. 2015, as in TF-Addons): per positive pair (a, p) whose anchor has a
       negative, n is the closest negative with d_an > d_ap, or a's farthest negative if there is none;
       max(d_ap - d_an + margin, 0) averaged over those pairs.
+    * "random" (the published RCCapsNet training): per valid anchor one positive and one negative drawn
+      uniformly at random from the batch (`miners.random_choice` with `key`); mean over valid anchors.
 
   Args:
     embeddings: `[B, D]` embeddings.
@@ -93,12 +98,13 @@ def triplet_loss(embeddings: jax.typing.ArrayLike,
     mining: "batch_hard", "batch_all" or "semi_hard".
     squared: use squared distances.
     metric: "euclidean" or "cosine", see `pairwise_distances`.
+    key: PRNG key of the "random" mining (unused by the others).
 
   Returns:
     Scalar loss.
 
   Raises:
-    ValueError: for an unknown mining or metric, or badly shaped inputs.
+    ValueError: for an unknown mining or metric, badly shaped inputs, or "random" without a key.
 
   References:
     Hermans, Beyer & Leibe, "In Defense of the Triplet Loss for Person Re-Identification", arXiv 2017.
@@ -107,12 +113,21 @@ def triplet_loss(embeddings: jax.typing.ArrayLike,
   """
   if mining not in TRIPLET_MINING:
     raise ValueError(f"Unknown triplet mining {mining!r}; use one of {TRIPLET_MINING}.")
+  if mining == "random" and key is None:
+    raise ValueError("mining='random' draws tuples at random: pass key=jax.random.key(...).")
   distances = batch_distances(embeddings, squared=squared, metric=metric)
   labels = check_labels(labels, distances.shape[0], "labels")
   positive, negative = miners.label_masks(labels)
   if mining == "batch_hard":
     hardest_positive, hardest_negative, valid = miners.batch_hard(distances, positive, negative)
     loss = reductions.masked_mean(hinge(hardest_positive - hardest_negative + margin), valid)
+  elif mining == "random":
+    positive_key, negative_key = jax.random.split(key)
+    chosen_positive, has_positive = miners.random_choice(positive, positive_key)
+    chosen_negative, has_negative = miners.random_choice(negative, negative_key)
+    loss = reductions.masked_mean(
+        hinge(pick(distances, chosen_positive) - pick(distances, chosen_negative) + margin),
+        has_positive & has_negative)
   elif mining == "semi_hard":
     negative_distance, valid = miners.semi_hard_negatives(distances, positive, negative)
     loss = reductions.masked_mean(hinge(distances - negative_distance + margin), valid)
@@ -122,11 +137,10 @@ def triplet_loss(embeddings: jax.typing.ArrayLike,
   return loss.astype(distances.dtype)
 
 
-
 LOSS = Loss(
     name="triplet",
     apply=lambda params, outputs, batch, **options: triplet_loss(outputs["embedding"], batch["item_id"],
-                                                                 **options),
+                                                                 key=batch_key(batch), **options),
     options={
         "margin": Option(0.2, "Margin between the positive and the negative distance."),
         "mining": Option("batch_hard", "Which triplets: " + ", ".join(TRIPLET_MINING) + ".",
