@@ -92,7 +92,7 @@ class Run:
     config: the config file, relative to the repository root (where the suite runs) or absolute.
     method: the method's name in the table, e.g. "RCCapsNet" or "triplet, batch-all".
     arg: the config argument (`--config FILE:arg`), e.g. "smoke"; None for none.
-    overrides: `{field: value}`, passed as `--config.field=value` (bool, int, float or str values).
+    overrides: `{field: value}`, passed as `--config.field=value` (bool, int, float, str, or a tuple of numbers).
     protocols: which of `PROTOCOLS` to report (see the module docstring).
     published: the papers' numbers for this method and data, shown beside the run's.
   """
@@ -153,12 +153,15 @@ def load_suite(spec: str) -> dict[str, Run]:
 
 
 def format_value(value: Any) -> str:
-  """An override value as `--config.field=VALUE` spells it."""
+  """An override value as `--config.field=VALUE` spells it (a tuple as `(1, 2)`, which ml_collections parses)."""
   if isinstance(value, bool) or value is None:
     return str(value)
   if isinstance(value, (int, float, str)):
     return repr(value) if isinstance(value, float) else str(value)
-  raise SuiteError(f"Override value {value!r}: only bool, int, float and str values are supported.")
+  if isinstance(value, tuple) and value and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    return "(" + ", ".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+  raise SuiteError(f"Override value {value!r}: only bool, int, float, str and tuples of numbers are supported.")
 
 
 def load_config(run: Run) -> ml_collections.ConfigDict:

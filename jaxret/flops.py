@@ -70,7 +70,7 @@ REDUCTION_PRIMITIVES = frozenset({"reduce_sum", "reduce_max", "reduce_min", "red
 # masks), sharding annotations and collectives (communication, which MFU does not count either).
 FREE_PRIMITIVES = frozenset({
     "reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "slice", "dynamic_slice",
-    "dynamic_update_slice", "concatenate", "pad", "gather", "rev", "iota", "copy", "copy_p", "split",
+    "dynamic_update_slice", "concatenate", "stack", "pad", "gather", "rev", "iota", "copy", "copy_p", "split",
     "convert_element_type", "bitcast_convert_type", "stop_gradient", "device_put", "sharding_constraint",
     "mesh_cast", "reshard", "pvary", "optimization_barrier", "random_bits", "random_seed", "random_wrap",
     "random_unwrap", "random_fold_in", "random_split", "threefry2x32", "shift_left", "shift_right_logical",

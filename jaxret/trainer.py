@@ -36,6 +36,7 @@ from tqdm import auto as tqdm
 
 from jaxret import augment
 from jaxret import checkpointing
+from jaxret import decoded_cache
 from jaxret import embedding
 from jaxret import evaluation
 from jaxret import input_pipeline
@@ -219,6 +220,49 @@ def loss_context(config: ml_collections.ConfigDict, model, builder, train_index)
                             embedding_dim=int(embedding_shape.shape[-1]))
 
 
+def make_loss_rebuilder(config: ml_collections.ConfigDict, objective: losses.objective.Objective,
+                        context: losses.LossContext, model, mesh: jax.sharding.Mesh,
+                        training: decoded_cache.DecodedSplit, class_index: np.ndarray, steps_per_epoch: int):
+  """`rebuild(state, step) -> state` for the loss terms whose parameters are rebuilt from the training split
+  (e.g. HTL's class tree), or None when no term has such parameters.
+
+  At each step that is a multiple of a term's interval (`rebuild_every`, else the sampler's epoch), the
+  current model embeds every training record (inference mode, as evaluation embeds) and the term's
+  `rebuild` replaces its parameters, replicated like the rest of the state: the checkpoint of that step holds
+  them, so a resumed run continues with the same ones.
+
+  Args:
+    training: the records training draws from (their pixels, or their JPEGs decoded when read).
+    class_index: `[len(training)]` the sampler's class index of each of those records.
+  """
+  intervals = objective.rebuild_intervals(steps_per_epoch)
+  if not intervals:
+    return None
+  embed = embedding.jit_embed_step(model, mesh, config)
+  replicated = sharding.replicated(mesh)
+  class_index = sharding.global_from_host(np.asarray(class_index, np.int32), replicated)
+  rebuilds = {name: jax.jit(functools.partial(objective.terms[name].loss.rebuild_params, context=context,
+                                              options=objective.terms[name].options),
+                            out_shardings=replicated) for name in intervals}
+  real = jax.jit(lambda x: x[:len(training)], out_shardings=replicated)
+
+  def rebuild(state: TrainState, step: int) -> TrainState:
+    due = [name for name, every in intervals.items() if step % every == 0]
+    if not due:
+      return state
+    batches = input_pipeline.eval_batches(training, global_batch=config.evals.batch_size,
+                                          process_index=jax.process_index(), process_count=jax.process_count())
+    embeddings = real(embedding.embed_batches_on_device(
+        embed, state.variables, batches, mesh, total_batches=-(-len(training) // config.evals.batch_size),
+        desc=f"embedding the training split for {', '.join(due)}"))
+    loss_params = dict(state.loss_params)
+    for name in due:
+      loss_params[name] = rebuilds[name](embeddings, class_index)
+    return state.replace(loss_params=loss_params)
+
+  return rebuild
+
+
 class NonFiniteError(FloatingPointError):
   """A step made the parameters, the gradients or the loss non-finite; nothing of it was saved."""
 
@@ -310,8 +354,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = embedding.model_from_config(config)
   objective = losses.objective_from_config(config.loss)
   tx = make_optimizer(config, objective, steps_per_epoch=max(1, len(training_index) // config.input.batch_size))
-  state = create_state(config, model, tx, objective, loss_context(config, model, builder, training_index),
-                       replicated)
+  context = loss_context(config, model, builder, training_index)
+  state = create_state(config, model, tx, objective, context, replicated)
   if is_chief:
     print(f"Model {config.model.name}: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters; "
           f"{device_count} device(s), global batch {config.input.batch_size}.")
@@ -332,6 +376,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   log = run_dir.MetricsLog(workdir, start_step, enabled=is_chief)
 
   step_fn = make_train_step(config, mesh, model, tx, objective)
+  training_records = np.arange(len(train_index)) if held_out is None else held_out.train_records
+  rebuild_loss_params = make_loss_rebuilder(
+      config, objective, context, model, mesh,
+      validation.record_split(splits["train"], training_records, source=train_source,
+                              size=input_pipeline.cache_size(config)),
+      sampler.class_indices[training_records], steps_per_epoch=sampler.steps_per_epoch)
   evaluator = evaluation.Evaluator(config, builder, model, mesh, {split: splits[split] for split in evaluation.SPLITS})
   validator = None
   if held_out is not None:
@@ -410,6 +460,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if step == start_step + 1:  # Leave compilation out of the images/s of the first window.
           jax.block_until_ready(step_metrics)
           window_start, window_cpu, window_steps = time.perf_counter(), host_cpu_seconds(), 0
+        if rebuild_loss_params is not None:
+          state = rebuild_loss_params(state, step)  # Before the save: the checkpoint of `step` holds the result.
         log_now = step % config.log_every == 0 or step == config.total_steps
         save_now = step % config.checkpoint_every == 0 or step == config.total_steps
         # In a multi-process run the processes agree on a stop at log steps (a collective), or through JAX's

@@ -143,19 +143,25 @@ def subset_index(index: decoded_cache.SplitIndex, records: np.ndarray) -> decode
       features={name: np.asarray(values)[records] for name, values in index.features.items()})
 
 
+def record_split(split: decoded_cache.DecodedSplit, records: np.ndarray, *, source=None,
+                 size: int | None = None) -> decoded_cache.DecodedSplit:
+  """Records `records` of a decoded split as a decoded split of their own (labels and `RecordRows` pixels).
+
+  Their pixels are rows of `split.images`; when the split has no decoded pixels (stream mode), they are
+  decoded from its `source` at `size` when read.
+  """
+  if split.images is not None:
+    rows = RecordRows(records, images=split.images)
+  else:
+    rows = RecordRows(records, source=source, size=size)
+  return decoded_cache.DecodedSplit(path=split.path, index=subset_index(split.index, records), images=rows)
+
+
 def evaluation_splits(train: decoded_cache.DecodedSplit, held_out: HeldOutProducts, *, source=None,
                       size: int | None = None) -> dict[str, decoded_cache.DecodedSplit]:
-  """The validation query and gallery as decoded splits `{"query": ..., "gallery": ...}` of the training split.
-
-  Their pixels are rows of `train.images`; when the training split has no decoded pixels (stream mode),
-  they are decoded from the training split's `source` at `size` when read.
-  """
-  def rows(records):
-    if train.images is not None:
-      return RecordRows(records, images=train.images)
-    return RecordRows(records, source=source, size=size)
-  return {split: decoded_cache.DecodedSplit(path=train.path, index=subset_index(train.index, records),
-                                            images=rows(records))
+  """The validation query and gallery as decoded splits `{"query": ..., "gallery": ...}` of the training split
+  (`record_split`: `source` and `size` for a training split without decoded pixels)."""
+  return {split: record_split(train, records, source=source, size=size)
           for split, records in (("query", held_out.query_records), ("gallery", held_out.gallery_records))}
 
 

@@ -186,25 +186,27 @@ def abstract_step(config):
   tx = trainer.make_optimizer(config, objective)
   batch_size, size = config.input.batch_size, config.input.image_size
   images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
+  pixels = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8)  # What the step gets: uint8 pixels.
   context = losses.LossContext(num_classes=batch_size, num_categories=23, embedding_dim=23 * 16)
   state = jax.eval_shape(lambda: trainer.create_state(config, model, tx, objective, context))
   labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  batch = {"image": images, "item_id": labels, "category": labels, "class_index": labels}
-  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, objective=objective, seed=0))
+  batch = {"image": pixels, "item_id": labels, "category": labels, "class_index": labels}
+  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, objective=objective, seed=0,
+                                   augmentation=trainer.augmentation_from_config(config)))
   forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False)[0])
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return step, state, batch, forward, variables
+  return step, state, batch, forward, variables, images
 
 
 def test_rccapsnet_tiny_forward_and_train_step_against_xla():
   """Within 1% (forward) and 4% (training step) of XLA's CPU cost analysis, which counts the same matmuls
   and convolutions but also the integer work, dtype conversions and what its own rewrites add or remove."""
-  step, state, batch, forward, variables = abstract_step(tiny_config())
+  step, state, batch, forward, variables, images = abstract_step(tiny_config())
   # Code generation at -O0 makes the compiles about twice as fast; the cost analysis reads the optimised
   # HLO, which the backend optimisation level does not change.
   fast = {"xla_backend_optimization_level": 0}
-  forward_count = flops.count_flops(forward, variables, batch["image"])
-  assert forward_count.flops == pytest.approx(xla_cpu_flops(forward, variables, batch["image"], **fast), rel=0.01)
+  forward_count = flops.count_flops(forward, variables, images)
+  assert forward_count.flops == pytest.approx(xla_cpu_flops(forward, variables, images, **fast), rel=0.01)
   step_count = flops.count_flops(step, state, batch)
   assert not step_count.uncounted
   xla_step = xla_cpu_flops(step, state, batch, **fast)
@@ -216,10 +218,10 @@ def test_rccapsnet_256_matches_the_hand_count():
   """The issue's hand count: about 5.9 GFLOP per image forward (stem 0.31, each residual stage about 1.9),
   17.19 GFLOP per image for the training step from XLA's CPU cost analysis (bfloat16, batch 64)."""
   batch_size = 4
-  step, state, batch, forward, variables = abstract_step(tiny_config(256, batch_size, "rccapsnet"))
+  step, state, batch, forward, variables, images = abstract_step(tiny_config(256, batch_size, "rccapsnet"))
   stem_macs, conv_macs = rccapsnet_conv_macs(256)
   in_caps = 16 * 16 * 32
-  forward_count = flops.count_flops(forward, variables, batch["image"])
+  forward_count = flops.count_flops(forward, variables, images)
   assert forward_count.conv_flops == batch_size * 2 * conv_macs
   assert forward_count.by_primitive["dot_general"] == batch_size * 2 * routing_macs(in_caps)
   dense_macs = 128 ** 2 * 147 * 64 + 3 * (64 ** 2 * 9 * (64 * 128 + 128 * 128) + 64 ** 2 * 64 * 128)
@@ -246,7 +248,10 @@ def test_bench_prints_the_mfu_of_the_jaxpr_count():
   assert completed.returncode == 0, completed.stderr[-3000:]
   result = json.loads(completed.stdout.strip().splitlines()[-1])
   stem_macs, conv_macs = rccapsnet_conv_macs(32)
-  hand_count = 2 * (3 * conv_macs - stem_macs) + 3 * 2 * routing_macs(2 * 2 * 32)
+  # The step's augmentation resizes each [32, 32, 3] crop to 32 x 32 by two contractions with [32, 32] filters
+  # (jax.image.scale_and_translate): 2 x 2 * 32^3 * 3 FLOPs, counted as matmuls.
+  resize = 2 * 2 * 32**3 * 3
+  hand_count = 2 * (3 * conv_macs - stem_macs) + 3 * 2 * routing_macs(2 * 2 * 32) + resize
   assert result["flop_source"] == "jaxpr"
   # The rest of the matmul FLOPs: the loss's [8, 8] distance matrix and its gradient.
   assert result["matmul_flops_per_image"] == pytest.approx(hand_count, rel=1e-4)

@@ -25,6 +25,17 @@ LOSSES = {
     "category_quadruplet": ("category quadruplet (Khatami & Fadaeieslam 2022)",
                             {"loss.name": "category_quadruplet"}),
     "contrastive": ("contrastive (Hadsell et al. 2006)", {"loss.name": "contrastive"}),
+    # The methods of issue 16 (docs/losses.md). The tiny RCCapsNet's embedding has 368 dimensions (23 class
+    # capsules x 16): BIER's learners and HDC's levels are resized to add up to it, ABE-M's 8 learners take
+    # 46 each. A-BIER is left out: it needs a model that returns its embedding layer's inputs and kernel.
+    "multi_similarity": ("Multi-Similarity (Wang et al. 2019)", {"loss.name": "multi_similarity"}),
+    "proxy_anchor": ("Proxy-Anchor (Kim et al. 2020)", {"loss.name": "proxy_anchor"}),
+    "htl": ("HTL, tree rebuilt every epoch (Ge et al. 2018)", {"loss.name": "htl"}),
+    "bier": ("BIER (Opitz et al. 2017)", {"loss.name": "bier", "loss.bier.learner_sizes": (64, 112, 192)}),
+    "hdc": ("HDC (Yuan et al. 2017)", {"loss.name": "hdc", "loss.hdc.level_dims": (128, 128, 112)}),
+    "abe": ("ABE-M loss (Kim et al. 2018)", {"loss.name": "abe"}),
+    "grid": ("grid loss (Chopra et al. 2019)", {"loss.name": "grid"}),
+    "capsule_margin": ("capsule margin + batch-all triplet", {"loss.name": "triplet+capsule_margin"}),
 }
 
 

@@ -253,6 +253,11 @@ def _init(key: jax.Array, context: LossContext, *, num_levels, **options):
   return empty_tree(context.num_classes, context.embedding_dim, num_levels)
 
 
+def _rebuild(embeddings, class_index, context: LossContext, *, num_levels, **options):
+  del options
+  return rebuild(embeddings, class_index, context.num_classes, num_levels)
+
+
 def _apply(params, outputs, batch, *, beta, squared, average, num_levels):
   del num_levels  # used by init and rebuild
   return hierarchical_triplet_loss(outputs["embedding"], batch["class_index"], params, beta=beta,
@@ -263,6 +268,7 @@ LOSS = Loss(
     name="htl",
     apply=_apply,
     init=_init,
+    rebuild=_rebuild,
     options={
         "beta": Option(0.1, "Base of the violate margin beta + d_H(y_a, y_n) - s_{y_a} (0.1)."),
         "squared": Option(False, "Squared distances in the triplets (the paper: not squared)."),
@@ -272,5 +278,7 @@ LOSS = Loss(
                              minimum=1),
         "lr_multiplier": Option(0.0, "The tree is state, not learned: its parameters never get updates.",
                                 choices=(0.0,)),
+        "rebuild_every": Option(0, "Steps between rebuilds of the tree from the training split's embeddings "
+                                "(0: once per epoch of the sampler, as the paper).", minimum=0),
     },
     reference="Ge, Huang, Dong & Scott, ECCV 2018 (no official code; tree construction is our reading)")

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from jaxret.losses.registry import LR_MULTIPLIER
+from jaxret.losses.registry import REBUILD_EVERY
 from jaxret.losses.registry import Loss
 from jaxret.losses.registry import LossContext
 from jaxret.losses.registry import Option
@@ -72,6 +73,11 @@ class Objective:
     """`{term name: its parameters}` (an empty dict for terms without parameters)."""
     return {name: term.loss.init_params(jax.random.fold_in(key, index), context, term.options)
             for index, (name, term) in enumerate(self.terms.items())}
+
+  def rebuild_intervals(self, steps_per_epoch: int) -> dict[str, int]:
+    """`{term name: steps between rebuilds of its parameters}` for the terms whose loss has `rebuild`."""
+    return {name: int(term.options.get(REBUILD_EVERY) or 0) or max(1, steps_per_epoch)
+            for name, term in self.terms.items() if term.loss.rebuild is not None}
 
   def lr_multipliers(self) -> dict[str, float]:
     """`{term name: learning-rate multiplier of its parameters}` (1 unless the loss declares one)."""

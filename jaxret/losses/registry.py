@@ -84,10 +84,14 @@ class LossContext:
 # An option a loss with parameters may declare: their learning rate is the model's times it. The optimizer
 # reads it (`jaxret.losses.objective`); `apply` and `init` never see it.
 LR_MULTIPLIER = "lr_multiplier"
+# An option a loss with `rebuild` declares: the steps between rebuilds of its parameters from the training
+# split's embeddings (0: once per epoch of the sampler). The trainer reads it; `apply` and `init` never see it.
+REBUILD_EVERY = "rebuild_every"
+TRAINER_OPTIONS = (LR_MULTIPLIER, REBUILD_EVERY)
 
 
 def _math_options(options: Mapping[str, Any]) -> dict[str, Any]:
-  return {key: value for key, value in options.items() if key != LR_MULTIPLIER}
+  return {key: value for key, value in options.items() if key not in TRAINER_OPTIONS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +105,17 @@ class Loss:
     options: the keyword options of `apply` (and `init`) with their defaults, plus `lr_multiplier` for a loss
       with parameters (read by the optimizer only).
     init: `init(key, context, **options) -> params pytree` for a loss that owns parameters; None otherwise.
+    rebuild: `rebuild(embeddings [N, D], class_index [N], context, **options) -> params pytree` for a loss
+      whose parameters are state computed from the whole training split (HTL's class tree), not learned:
+      the trainer calls it every `rebuild_every` steps with the current model's embeddings of the training
+      records, and puts the result in place of the parameters. None otherwise.
     reference: the paper, for the docs.
   """
   name: str
   apply: Callable[..., Any]
   options: Mapping[str, Option]
   init: Callable[..., Any] | None = None
+  rebuild: Callable[..., Any] | None = None
   reference: str = ""
 
   def defaults(self) -> dict[str, Any]:
@@ -137,6 +146,13 @@ class Loss:
   def init_params(self, key: jax.Array, context: LossContext, options: Mapping[str, Any]) -> Any:
     """The loss's own parameters (a pytree; `{}` when it has none)."""
     return {} if self.init is None else self.init(key, context, **_math_options(options))
+
+  def rebuild_params(self, embeddings: jax.Array, class_index: jax.Array, context: LossContext,
+                     options: Mapping[str, Any]) -> Any:
+    """New parameters from `[N, D]` embeddings of the training records and their `[N]` class indices."""
+    if self.rebuild is None:
+      raise ValueError(f"The {self.name} loss has no parameters to rebuild.")
+    return self.rebuild(embeddings, class_index, context, **_math_options(options))
 
   def __call__(self, params: Any, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                options: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
