@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))  # The fake release layout lives with th
 sys.path.insert(0, str(REPO))
 
 import fake_inshop  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 from data_prep import inshop_features  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Full-release counts: images and products per split (query and gallery share their products).

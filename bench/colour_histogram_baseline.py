@@ -12,16 +12,16 @@ The dataset is prepared into `--data_dir` (default `$TFDS_DATA_DIR`, else `~/ten
 """
 
 import argparse
+from collections.abc import Callable, Sequence
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_prep import synthetic_inshop  # noqa: E402  (registers the builder)
+from data_prep import synthetic_inshop
 
 KS = (1, 10, 20)
 

@@ -124,7 +124,7 @@ def main() -> None:
     if faiss is not None:
       ranks = np.asarray(metrics.query_ranks(query, query_labels, gallery, gallery_labels,
                                              chunk_size=chunk_sizes[0]))
-      first, neighbours = faiss_first_hit(faiss, query, query_labels, gallery, gallery_labels, k_max)
+      first, _ = faiss_first_hit(faiss, query, query_labels, gallery, gallery_labels, k_max)
       expected = np.minimum(ranks, k_max)
       differ = np.flatnonzero(expected != first)
       disagreements = []

@@ -45,6 +45,7 @@ def measure(config_name: str, batch_size: int, dim: int, repeats: int) -> dict:
   """One (loss, B) measurement in this process."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from jaxret import losses  # pylint: disable=g-import-not-at-top
 
   loss_name, kwargs = CONFIGS[config_name]

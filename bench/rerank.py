@@ -31,7 +31,8 @@ import time
 import jax
 import numpy as np
 
-from bench.eval import clustered_embeddings, default_noise
+from bench.eval import clustered_embeddings
+from bench.eval import default_noise
 from jaxret import metrics
 from jaxret import rerank
 

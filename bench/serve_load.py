@@ -194,7 +194,7 @@ def main():
         # Milvus Lite lets one process open a database: each server gets its own copy.
         uri = os.path.join(workspace, setting.replace(" ", "_") + ".db")
         shutil.copytree(args.uri, uri, ignore=shutil.ignore_patterns("LOCK"))
-      log = open(os.path.join(workspace, setting.replace(" ", "_") + ".log"), "w")
+      log = open(os.path.join(workspace, setting.replace(" ", "_") + ".log"), "w")  # noqa: SIM115  (closed with its server)
       servers[setting] = (*start_server(args, uri, SETTINGS[setting], log), log)
     first_rss = {}
     for setting, (server, port, _) in servers.items():

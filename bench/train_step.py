@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxret import flops
-from jaxret import run_config
 from jaxret import embedding
+from jaxret import flops
 from jaxret import losses
+from jaxret import run_config
 from jaxret import sharding
 from jaxret import trainer
 from jaxret.models import capsnets

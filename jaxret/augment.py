@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxret.models import input_conventions
+
 # `fold_in` tag of the augmentation's keys (the step's dropout key is the seed's key folded with the step, the
 # loss's uses tag 3), so the streams never coincide.
 _AUGMENT_STREAM = 4

@@ -27,8 +27,9 @@ import os
 
 import numpy as np
 
+from data_prep import problems as problems_message
+
 BOX_FORMATS = ("x1y1x2y2", "xywh")
-MAX_LISTED_PROBLEMS = 20
 
 
 class DetectionsFileError(ValueError):
@@ -134,12 +135,8 @@ def parse_detections(document, label: str, *, num_categories: int | None = None,
       scores.append(float(score))
       categories.append(category)
   if problems:
-    lines = [f"{label} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:"]
-    lines += [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
-    if len(problems) > MAX_LISTED_PROBLEMS:
-      lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more.")
-    lines.append("See the format in jaxret/detections.py (or docs/deepfashion.md).")
-    raise DetectionsFileError("\n".join(lines))
+    raise DetectionsFileError(problems_message.format_problems(
+        label, problems, "See the format in jaxret/detections.py (or docs/deepfashion.md)."))
   return Detections(image_names=tuple(names), boxes=np.asarray(boxes, np.float64).reshape(-1, 4),
                     scores=np.asarray(scores, np.float64), category_ids=np.asarray(categories, np.int64))
 

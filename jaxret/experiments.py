@@ -493,8 +493,9 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], *, title: str, command: 
 
 def plot_recall_curves(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
   """Recall@K against K for every "final" and published row: solid honest, dashed leaky, dotted papers."""
-  from jaxret import pictures  # pylint: disable=g-import-not-at-top  (matplotlib only when plotting)
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  from jaxret import pictures  # pylint: disable=g-import-not-at-top  (matplotlib only when plotting)
   fig, ax = plt.subplots(figsize=(10, 5.5))
   runs = list(dict.fromkeys(row["run"] for row in rows))
   palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")

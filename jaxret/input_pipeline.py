@@ -77,8 +77,6 @@ def get_builder(name: str, data_dir: str | None = None, *, prepare: bool = True)
     ConfigError: an unknown dataset name.
   """
   # Importing the packages registers their builders with TFDS.
-  import data_prep.deepfashion_inshop  # pylint: disable=g-import-not-at-top,unused-import
-  import data_prep.synthetic_inshop  # pylint: disable=g-import-not-at-top,unused-import
 
   data_dir = os.path.expanduser(data_dir or default_data_dir())  # TFDS would make a folder named "~".
   family = name.split("/")[0].split(":")[0]

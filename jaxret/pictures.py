@@ -4,6 +4,7 @@ from collections.abc import Sequence
 import os
 
 import matplotlib
+
 matplotlib.use("Agg")  # Files only; no display is needed.
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np

@@ -26,8 +26,8 @@ from jaxret import input_pipeline
 from jaxret import run_config
 from jaxret.catalog import Catalog  # The public API: jaxret.search.Catalog.
 from jaxret.catalog import CatalogError
-from jaxret.catalog import Hit
 from jaxret.catalog import report
+
 
 def logged_recall(workdir: str, step: int) -> dict[int, float] | None:
   """The trainer's exact Recall@K of `step` from `metrics.jsonl`, if it logged one."""

@@ -6,11 +6,10 @@ The command line only: flags, the multi-process start-up and `main`. The trainin
 
 import sys
 
-import jax
-
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from jaxret import checkpointing

@@ -85,10 +85,13 @@ def image_shapes(name: str) -> dict[str, tuple[int, ...]]:
 def torch_model(name: str):
   """The PyTorch model that `jaxret.models.get_model(name)`'s backbone must equal, in eval mode."""
   import importlib  # pylint: disable=g-import-not-at-top
+
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
-  from torchvision.models import densenet, resnet, vgg  # pylint: disable=g-import-not-at-top
+  from torchvision.models import densenet  # pylint: disable=g-import-not-at-top
+  from torchvision.models import resnet  # pylint: disable=g-import-not-at-top
+  from torchvision.models import vgg  # pylint: disable=g-import-not-at-top
   googlenet = importlib.import_module("torchvision.models.googlenet")  # the module, not the builder
 
   class ScaledResNet(resnet.ResNet):
@@ -249,8 +252,8 @@ def write_pth_fixtures() -> None:
 
 
 def main() -> None:
-  import torch  # pylint: disable=g-import-not-at-top
   import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(2)
   os.makedirs(DATA_DIR, exist_ok=True)

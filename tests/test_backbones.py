@@ -15,15 +15,15 @@ import re
 import subprocess
 import zipfile
 
+import backbone_reference as reference  # tests/ is on sys.path under pytest.
 import chex
 import jax
-from jax.test_util import check_grads
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import backbone_reference as reference  # tests/ is on sys.path under pytest.
 from jaxret import models
 from jaxret.models import cnn_layers
 from jaxret.models import googlenet
@@ -359,11 +359,11 @@ def test_head_options():
                       (dict(pooling="token", embedding_dim=0), 8)]:
     head = heads.EmbeddingHead(**kwargs)
     variables = head.init(jax.random.key(0), features, class_token=token)
-    embedding, pooled = head.apply(variables, features, class_token=token)
+    embedding, _ = head.apply(variables, features, class_token=token)
     chex.assert_shape(embedding, (4, dim))
     np.testing.assert_allclose(np.linalg.norm(embedding, axis=-1), 1.0, rtol=1e-5)
   head = heads.EmbeddingHead(embedding_dim=0, l2_normalize=False, pooling="max")
-  embedding, pooled = head.apply({}, features)
+  embedding, _ = head.apply({}, features)
   np.testing.assert_allclose(embedding, features.max(axis=(1, 2)))
   assert "gem_p" in heads.EmbeddingHead(pooling="gem").init(jax.random.key(0), features)["params"]
   assert not heads.EmbeddingHead(pooling="gem", gem_learnable_p=False, embedding_dim=0).init(

@@ -18,9 +18,10 @@ pytest.importorskip("torchvision")
 pytest.importorskip("timm")
 
 import backbone_reference as reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+import test_backbones  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 from jaxret import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxret.models import import_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
-import test_backbones  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REFERENCE = reference.load_reference()
 

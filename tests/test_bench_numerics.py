@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxret import metrics
 from jaxret import embedding
 from jaxret import losses
+from jaxret import metrics
 from jaxret import trainer
 from jaxret.models import routing
 

@@ -2,10 +2,10 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
-import pathlib
 
 import numpy as np
 import pytest

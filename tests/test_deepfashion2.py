@@ -3,6 +3,7 @@
 import json
 import zipfile
 
+import fake_deepfashion2  # tests/ is on sys.path under pytest.
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -10,8 +11,6 @@ import tensorflow_datasets as tfds
 from data_prep.deepfashion2 import __main__ as cli
 from data_prep.deepfashion2 import builder as builder_lib
 from data_prep.deepfashion2 import release
-import data_prep.deepfashion2  # pylint: disable=unused-import  # Registers the builder.
-import fake_deepfashion2  # tests/ is on sys.path under pytest.
 
 TRAIN, VALIDATION = fake_deepfashion2.default_release()
 

@@ -99,7 +99,7 @@ def _coco_iou(dts, gts):
 
 def official_script(results, query_gt, gallery_gt, thresh=0.5):
   """The official evaluation, line for line (Python 3 prints dropped; `gellery_box` typo fixed)."""
-  xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]  # noqa: E731
+  xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]
   r_image = np.array([r["query_image_id"] for r in results])
   r_score = np.array([r["query_score"] for r in results])
   r_cls = np.array([r["query_cls"] for r in results])
@@ -211,7 +211,7 @@ def test_box_iou_against_the_coco_loop_and_in_image_units():
   b = np.concatenate([b, b + rng.uniform(0, 30, (5, 2))], axis=1)
   b[0] = a[0]  # identical boxes: IoU 1
   b[1] = [a[1, 2], a[1, 3], a[1, 2] + 5, a[1, 3] + 5]  # touching corners: IoU 0
-  xywh = lambda x: np.concatenate([x[:, :2], x[:, 2:] - x[:, :2]], axis=1)  # noqa: E731
+  xywh = lambda x: np.concatenate([x[:, :2], x[:, 2:] - x[:, :2]], axis=1)
   expected = _coco_iou(xywh(a), xywh(b))
   np.testing.assert_allclose(metric.box_iou(a, b), expected, rtol=1e-12, atol=1e-15)
   assert metric.box_iou(a, b)[0, 0] == pytest.approx(1.0) and metric.box_iou(a, b)[1, 1] == 0.0

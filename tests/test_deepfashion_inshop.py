@@ -4,16 +4,16 @@ import dataclasses
 import logging
 import zipfile
 
+import fake_inshop  # tests/ is on sys.path under pytest.
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from data_prep import inshop_features
+from data_prep import problems
 from data_prep.deepfashion_inshop import __main__ as cli
 from data_prep.deepfashion_inshop import builder as builder_lib
 from data_prep.deepfashion_inshop import release
-import data_prep.deepfashion_inshop  # pylint: disable=unused-import  # Registers the builder.
-import fake_inshop  # tests/ is on sys.path under pytest.
 
 IMAGES = fake_inshop.make_images()
 
@@ -169,7 +169,7 @@ def test_many_problems_are_capped_with_a_count(tmp_path):
     release.validate_release(tmp_path)
   message = str(error.value)
   assert "has 25 problems" in message
-  assert message.count("is not in Img/img.zip") == release.MAX_LISTED_PROBLEMS
+  assert message.count("is not in Img/img.zip") == problems.MAX_LISTED_PROBLEMS
   assert "... and 5 more." in message
 
 
@@ -452,6 +452,7 @@ def _truncated(jpeg: bytes) -> bytes:
 
 def _png(_: bytes) -> bytes:
   import io  # pylint: disable=g-import-not-at-top
+
   from PIL import Image  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
   Image.new("RGB", (8, 8)).save(buffer, format="PNG")

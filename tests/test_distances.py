@@ -1,8 +1,8 @@
 """pairwise_distances against float64 NumPy, and its gradient at and away from zero distance."""
 
 import jax
-import jax.numpy as jnp
 from jax import test_util as jtu
+import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxret import flops
-from jaxret import run_config
 from jaxret import embedding
+from jaxret import flops
 from jaxret import losses
+from jaxret import run_config
 from jaxret import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -23,7 +23,6 @@ import pytest
 from jaxret import catalog
 from jaxret import embedding
 from jaxret import index
-from jaxret import input_pipeline
 from jaxret import metrics
 from jaxret import search
 from jaxret import trainer
@@ -381,7 +380,7 @@ def index_with_two_processes(run, uri, tmp_path) -> list[str]:
   """`python -m jaxret.index` on 2 processes x 1 CPU device; the output of each process."""
   address = f"127.0.0.1:{free_port()}"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]
+  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # noqa: SIM115  (closed after the processes end)
   processes = [subprocess.Popen(
       [sys.executable, "-m", "jaxret.index", "--workdir", run[0], "--uri", uri, "--split", "gallery",
        "--data_dir", run[1], "--coordinator_address", address, "--num_processes", "2", "--process_id", str(i),

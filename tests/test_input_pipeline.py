@@ -65,7 +65,7 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("mode,workers", [("device", None), ("host", None), ("stream", 0), ("stream", 1)])
 def test_the_cache_modes_give_the_same_batches(tiny, mode, workers):
-  builder, decoded, labels, source = tiny
+  _, decoded, labels, source = tiny
   sampler = samplers.PKSampler(decoded.index.item_ids, products_per_batch=2, images_per_product=4, seed=3)
   mesh = sharding.data_mesh()
 
@@ -250,7 +250,7 @@ def test_category_balanced_batches_hold_c_categories_p_products_k_images():
     np.testing.assert_array_equal(records, again.batch_records(step))
     for c in set(batch_categories[:, 0, 0]):
       visits[c].append(step // sampler.steps_per_epoch)
-  for c, epochs in visits.items():
+  for epochs in visits.values():
     assert len(epochs) == len(set(epochs))  # each category at most once per category epoch
     assert len(epochs) >= 2
   # A category's visits within one round of its products bring P new products each.

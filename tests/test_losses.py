@@ -4,8 +4,8 @@ import doctest
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import test_util as jtu
+import jax.numpy as jnp
 import numpy as np
 import pytest
 

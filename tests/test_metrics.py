@@ -104,7 +104,10 @@ print(json.dumps({"devices": jax.device_count(), "ranks": np.asarray(ranks).toli
 
 def test_gallery_sharded_over_devices_gives_the_exact_ranks(tmp_path):
   """4 fake CPU devices, each holding a quarter of the gallery (with padding and exact ties)."""
-  import json, os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  import json
+  import os
+  import subprocess
+  import sys  # pylint: disable=g-import-not-at-top,multiple-imports
   rng = np.random.default_rng(3)
   num_gallery, num_valid = 64, 57
   gallery = rng.integers(0, 4, size=(num_gallery, 3)).astype(np.float32)  # many exact ties

@@ -1,8 +1,8 @@
 """`routing.dynamic_routing_shared` is `dynamic_routing` of the einsum's predictions, without building them."""
 
 import jax
-import jax.numpy as jnp
 from jax import test_util as jtu
+import jax.numpy as jnp
 import numpy as np
 import pytest
 

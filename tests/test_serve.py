@@ -24,6 +24,8 @@ from fastapi import testclient
 import numpy as np
 from PIL import Image
 import pytest
+from test_index_search import fake_embedder
+from test_index_search import smoke_config
 
 from jaxret import catalog
 from jaxret import embedding
@@ -33,8 +35,6 @@ from jaxret.serve import __main__ as serve_main
 from jaxret.serve import app as serve_app
 from jaxret.serve import batcher as batching
 from jaxret.serve import uploads
-from test_index_search import fake_embedder
-from test_index_search import smoke_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Small limits, so that "too large" inputs are cheap to make.
@@ -216,7 +216,7 @@ def test_too_many_bytes_is_refused_before_decoding(client):
 # PIL only warns between its limit and twice it; the server refuses those itself (the warning is expected).
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_too_many_pixels_and_decompression_bombs_are_refused(client):
-  assert Image.MAX_IMAGE_PIXELS == LIMITS.max_pixels  # The app set PIL's own limit.
+  assert LIMITS.max_pixels == Image.MAX_IMAGE_PIXELS  # The app set PIL's own limit.
   # Just over the limit (PIL would only warn): the server's own check.
   assert_refused(post_photo(client, png(1001, 1000)), 413, "1001 x 1000 = 1,001,000 pixels",
                  "1,000,000 pixels are accepted")
@@ -468,7 +468,7 @@ def server(run, embedder, tmp_path):
   uri = str(tmp_path / "served.db")  # Its own database: Milvus Lite lets one process open a database.
   index_gallery(run, embedder, uri)
   port = free_port()
-  log = open(tmp_path / "server.log", "w+")
+  log = open(tmp_path / "server.log", "w+")  # noqa: SIM115  (the server writes to it until the fixture ends)
   process = subprocess.Popen(
       [sys.executable, "-m", "jaxret.serve", "--workdir", run[0], "--uri", uri, "--data_dir", run[1], "--port",
        str(port), "--max_batch", "2"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

@@ -303,7 +303,8 @@ def _products_and_views(count: int):
 
 def _silhouette_box(product, view, image_size, supersample):
   """Oracle: the bounding box of the silhouette's pixels, drawn with PIL at the supersampled size."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
   size = image_size * supersample
   polygons = garments.garment_polygons(product, view.arm_angle, view.leg_spread)
   matrix, offset = garments._frame(polygons, view, size)  # pylint: disable=protected-access
@@ -395,7 +396,7 @@ def test_annotation_features_are_the_real_builders():
   real = tfds.features.FeaturesDict(inshop_builder.features())
   synthetic = synthetic_inshop.SyntheticInshop(config="tiny", data_dir="/nonexistent").info.features
   assert set(real.keys()) == set(synthetic.keys())
-  for name in real.keys():
+  for name in real:
     if name != "attributes":  # the synthetic vocabulary is its own (names in the metadata)
       assert repr(real[name]) == repr(synthetic[name]), name
   assert synthetic["attributes"].shape == (len(garments.ATTRIBUTE_NAMES),)
@@ -448,11 +449,11 @@ def test_c2s_queries_are_small_cluttered_occluded_and_gallery_is_clean(c2s_split
   # Shop photos are framed on the garment (short garments, such as shorts, fill less than the frame).
   assert np.all(_box_sides(gallery) >= 0.6) and np.median(_box_sides(gallery)) >= 0.85
   # Off-centre: the box centres of queries spread; gallery boxes are centred.
-  centres = lambda ex: np.stack([(e["bbox"][:2] + e["bbox"][2:]) / 2 for e in ex])  # noqa: E731
+  centres = lambda ex: np.stack([(e["bbox"][:2] + e["bbox"][2:]) / 2 for e in ex])
   assert np.abs(centres(query) - 0.5).max() > 0.15
   np.testing.assert_allclose(centres(gallery), 0.5, atol=0.06)
   # Occluders hide landmarks in queries only.
-  occluded = lambda ex: sum(int((e["landmarks"][:, 0] == inshop_features.OCCLUDED).any()) for e in ex)  # noqa: E731
+  occluded = lambda ex: sum(int((e["landmarks"][:, 0] == inshop_features.OCCLUDED).any()) for e in ex)
   assert occluded(query) >= len(query) // 4 and occluded(gallery) == 0
   # Clutter: the background outside the box varies far more in queries than in the studio gallery.
   def background_std(example):

@@ -170,6 +170,7 @@ def deepfashion_data_dir(tmp_path_factory):
   """What `python -m data_prep.deepfashion_inshop` writes for a small fake release: 6 training products in 4
   categories (two categories with 2 products each, for the category-balanced sampler), 4 test products."""
   import fake_inshop  # pylint: disable=g-import-not-at-top  # tests/ is on sys.path under pytest.
+
   from data_prep.deepfashion_inshop import __main__ as prepare  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("deepfashion")
   categories = ("WOMEN/Dresses", "MEN/Denim", "WOMEN/Skirts", "MEN/Tees_Tanks")

@@ -15,9 +15,9 @@ import time
 
 import tensorflow_datasets as tfds
 
+from data_prep import staged_build
 from data_prep.deepfashion2 import builder as builder_lib
 from data_prep.deepfashion2 import release
-from data_prep import staged_build
 
 # What Python's zipfile decrypts ZipCrypto at (pure Python), measured on the 2-core development machine.
 _DECRYPT_BYTES_PER_SECOND = 0.6e6

@@ -19,8 +19,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tqdm import auto as tqdm
 
-from data_prep import jpeg_check
 from data_prep import inshop_features
+from data_prep import jpeg_check
 from data_prep.deepfashion2 import release
 
 # TFDS's ShardWriter holds the examples of the shard being written; DeepFashion2's photos are ~50-150 KB, and
@@ -91,7 +91,7 @@ def item_example(split: str, image_id: int, annotation: release.Annotation, item
                  height: int, width: int) -> dict:
   """The record of one garment (see `features`)."""
   x1, y1, x2, y2 = item.bbox
-  clip = lambda v: min(max(v, 0.0), 1.0)  # noqa: E731
+  clip = lambda v: min(max(v, 0.0), 1.0)
   landmarks = np.array([(_VISIBILITY[v], x / width, y / height) if v else (inshop_features.LANDMARK_ABSENT, 0, 0)
                         for x, y, v in item.landmarks], np.float32).reshape(-1, 3)
   return {

@@ -34,6 +34,8 @@ import re
 import zipfile
 import zlib
 
+from data_prep.problems import format_problems
+
 # The 13 categories; `category_id` c of the release is class label c - 1.
 CATEGORY_NAMES = ("short sleeve top", "long sleeve top", "short sleeve outwear", "long sleeve outwear", "vest",
                   "sling", "shorts", "trousers", "skirt", "short sleeve dress", "long sleeve dress", "vest dress",
@@ -53,7 +55,6 @@ STYLES_PER_PAIR = 1000
 MAX_PAIR_ID = 999_999
 ITEM_ID_OFFSET = {"train": 0, "validation": 1_000_000_000}
 
-MAX_LISTED_PROBLEMS = 20
 # ZIP compression method 99: WinZip AES encryption, which Python's zipfile cannot decrypt.
 _AES_METHOD = 99
 _IMAGE_NAME = re.compile(r"(train|validation)/image/(\d{6})\.jpg")
@@ -63,17 +64,6 @@ _ITEM_KEY = re.compile(r"item([1-9]\d*)")
 
 class DeepFashion2Error(ValueError):
   """The download in the manual dir is incomplete, damaged or unreadable; the message says what and where."""
-
-
-def format_problems(what: str, problems: Sequence[str], advice: str) -> str:
-  """One message for many problems: the first `MAX_LISTED_PROBLEMS`, then how many more."""
-  noun = "problem" if len(problems) == 1 else "problems"
-  lines = [f"{what} has {len(problems)} {noun}:"]
-  lines += [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
-  if len(problems) > MAX_LISTED_PROBLEMS:
-    lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more.")
-  lines.append(advice)
-  return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

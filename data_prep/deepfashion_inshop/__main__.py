@@ -14,9 +14,9 @@ import time
 
 import tensorflow_datasets as tfds
 
+from data_prep import staged_build
 from data_prep.deepfashion_inshop import builder as builder_lib
 from data_prep.deepfashion_inshop import release
-from data_prep import staged_build
 
 
 def default_data_dir() -> str:

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from tqdm import auto as tqdm
 
 from data_prep import inshop_features
+from data_prep import jpeg_check
 from data_prep.deepfashion_inshop import release
 
 # TFDS's ShardWriter keeps the examples of the shard being written in memory (it counts them with
@@ -201,7 +202,7 @@ class DeepfashionInshop(tfds.core.ShardBasedBuilder):
       for record in records:
         try:
           jpeg = self._archive.read(record.image_name)
-          height, width = release.check_jpeg(jpeg)
+          height, width = jpeg_check.check_jpeg(jpeg)
         except (OSError, ValueError) as e:
           reason = str(e) if str(e).startswith(("is ", "cannot ")) else f"cannot be read ({e})"
           partition = self._files.label(self._files.partition)

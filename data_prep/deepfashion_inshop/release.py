@@ -35,7 +35,7 @@ import zlib
 import numpy as np
 
 from data_prep import inshop_features
-from data_prep.jpeg_check import check_jpeg  # pylint: disable=unused-import  # The builder's image check.
+from data_prep.problems import format_problems
 
 # Files of the release, relative to the manual dir. The first existing candidate wins; the zip comes before
 # an extracted tree so that an interrupted `unzip` beside a complete zip does not hide the zip.
@@ -78,7 +78,6 @@ REFERENCE_COUNTS = {
     "query/gallery items": 3_985,
 }
 
-MAX_LISTED_PROBLEMS = 20
 
 # img/<GENDER>/<Category>/id_<digits>/<file>: one folder level each, so that no name can leave the tree.
 _IMAGE_NAME = re.compile(r"img/(WOMEN|MEN)/([A-Za-z0-9_\-]+)/(id_(\d+))/([^/\\]+)")
@@ -87,17 +86,6 @@ _ITEM_ID = re.compile(r"id_(\d+)")
 
 class InshopDownloadError(ValueError):
   """The download in the manual dir is incomplete or damaged; the message lists what and where."""
-
-
-def format_problems(what: str, problems: Sequence[str], advice: str) -> str:
-  """One message for many problems: the first `MAX_LISTED_PROBLEMS`, then how many more."""
-  noun = "problem" if len(problems) == 1 else "problems"
-  lines = [f"{what} has {len(problems)} {noun}:"]
-  lines += [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
-  if len(problems) > MAX_LISTED_PROBLEMS:
-    lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more.")
-  lines.append(advice)
-  return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -616,8 +604,8 @@ def validate_release(manual_dir: str | os.PathLike) -> tuple[ReleaseFiles, Build
     InshopDownloadError: with every problem found, each with its file and line.
   """
   files = find_release_files(manual_dir)
-  text = lambda path: _read_text(path, files.label(path)) if path else None  # noqa: E731
-  label = lambda path, candidates: files.label(path) if path else candidates[0]  # noqa: E731
+  text = lambda path: _read_text(path, files.label(path)) if path else None
+  label = lambda path, candidates: files.label(path) if path else candidates[0]
   plan = plan_build(
       text(files.partition),
       list_archive(files),

@@ -353,7 +353,7 @@ def sample_product(rng: np.random.Generator, category: int, difficulty: Difficul
     raise ValueError(f"category must be a class label in [0, {len(CATEGORY_STYLES)}), got {category}.")
   style = CATEGORY_STYLES[category]
   detail = difficulty.detail_level
-  chance = lambda p: bool(rng.random() < min(1.0, p * detail))  # noqa: E731
+  chance = lambda p: bool(rng.random() < min(1.0, p * detail))
 
   kinds, weights = zip(*style.kinds)
   kind = kinds[int(rng.choice(len(kinds), p=np.asarray(weights) / sum(weights)))]
@@ -777,7 +777,7 @@ def _pattern(p: Product, u: np.ndarray, v: np.ndarray) -> np.ndarray:
   main, second, trim = (np.asarray(c, np.float32) for c in (p.main, p.second, p.trim))
   period, duty = p.pattern_period, p.pattern_duty
   ph0, ph1 = p.pattern_phase
-  frac = lambda t: t - np.floor(t)  # noqa: E731
+  frac = lambda t: t - np.floor(t)
   if p.pattern == "solid":
     mask = np.zeros_like(u)
   elif p.pattern in ("hstripes", "vstripes", "diagonal"):
@@ -993,7 +993,7 @@ def _draw_details(canvas: _Canvas, p: Product, view: View):
   # Pockets.
   if p.pockets != "none":
     pocket_fill = _scale(p.main, 0.95)
-    if p.pockets in ("jeans", "patch", "flap") and not is_top or p.kind in ("jumpsuit", "romper"):
+    if (p.pockets in ("jeans", "patch", "flap") and not is_top) or p.kind in ("jumpsuit", "romper"):
       if back and p.pockets in ("jeans", "patch", "flap"):
         for sign in (-1, 1):
           patch = [(0.07, 0.12), (0.24, 0.12), (0.23, 0.3), (0.155, 0.34), (0.08, 0.3)]
@@ -1309,7 +1309,7 @@ def annotate(product: Product, view: View, image_size: int, supersample: int = 2
   size = image_size * supersample
   polygons = garment_polygons(product, view.arm_angle, view.leg_spread)
   matrix, offset = _frame(polygons, view, size)
-  to_image = lambda points: (np.asarray(points) @ matrix.T + offset) / supersample  # noqa: E731
+  to_image = lambda points: (np.asarray(points) @ matrix.T + offset) / supersample
   corners = to_image(np.concatenate(polygons))
   x1, y1 = np.clip(corners.min(axis=0), 0, image_size)
   x2, y2 = np.clip(corners.max(axis=0), 0, image_size)
@@ -1324,9 +1324,7 @@ def annotate(product: Product, view: View, image_size: int, supersample: int = 2
     x, y = to_image(points[slot])
     if not (0 <= x < image_size and 0 <= y < image_size):
       visibility = 2
-    elif view.occluder == "box" and abs(x - cx) <= rx and abs(y - cy) <= ry:
-      visibility = 1
-    elif view.occluder == "blob" and ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1:
+    elif (view.occluder == "box" and abs(x - cx) <= rx and abs(y - cy) <= ry) or (view.occluder == "blob" and ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1):
       visibility = 1
     else:
       visibility = 0

@@ -21,17 +21,17 @@ writes the same JPEG bytes, names and labels in the same record order, whatever 
 """
 
 import collections
+from collections.abc import Iterator
 from concurrent import futures
 import dataclasses
 import io
 import json
 import multiprocessing
 import os
-from collections.abc import Iterator
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
+import tensorflow_datasets as tfds
 
 from data_prep import inshop_features
 from data_prep.synthetic_inshop import garments
@@ -157,7 +157,7 @@ def split_layout(config: SyntheticInshopConfig) -> dict[str, list[ItemLayout]]:
   train_views = _spread(config.num_train_images, len(train_ids), rng)
   query_views = _spread(config.num_query_images, len(test_ids), rng)
   gallery_views = _spread(config.num_gallery_images, len(test_ids), rng)
-  layout = lambda i, first, n, split: ItemLayout(  # noqa: E731
+  layout = lambda i, first, n, split: ItemLayout(
       int(i), int(categories[i - 1]), int(first), int(n), split)
   return {
       "train": [layout(i, 0, n, "train") for i, n in zip(train_ids, train_views)],

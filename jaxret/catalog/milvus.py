@@ -87,7 +87,8 @@ def disconnect(client, uri: str) -> None:
 def create_collection(client, name: str, *, dim: int, metric_type: str, index_type: str,
                       index_params: dict | None, properties: dict[str, str], max_image_chars: int) -> None:
   """Makes and loads a catalogue collection: id, vector, item_id, category, image, source; one vector index."""
-  from pymilvus import DataType, MilvusClient  # pylint: disable=g-import-not-at-top
+  from pymilvus import DataType  # pylint: disable=g-import-not-at-top
+  from pymilvus import MilvusClient  # pylint: disable=g-import-not-at-top
   schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
   schema.add_field("id", DataType.INT64, is_primary=True)
   schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)

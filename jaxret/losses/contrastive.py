@@ -12,6 +12,7 @@ from jaxret.losses.inputs import hinge
 from jaxret.losses.registry import Loss
 from jaxret.losses.registry import Option
 
+
 def contrastive_loss(embeddings: jax.typing.ArrayLike,
                      labels: jax.typing.ArrayLike,
                      *,

@@ -25,8 +25,8 @@ from jaxret.models import input_conventions
 from jaxret.models import resnet
 from jaxret.models import vgg
 from jaxret.models import vit
-from jaxret.models.capsnets import CapsNetEmbedder
 from jaxret.models.capsnets import EMBEDDINGS
+from jaxret.models.capsnets import CapsNetEmbedder
 from jaxret.models.capsnets import QRCCapsNet
 from jaxret.models.capsnets import RCCapsNet
 from jaxret.models.capsnets import SCCapsNet
@@ -169,6 +169,21 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
   return problems
 
 
-__all__ = ["MODEL_NAMES", "EMBEDDINGS", "config_problems", "get_model", "model_fields", "resolve_dtype",
-           "CapsNetEmbedder", "SCCapsNet", "RCCapsNet", "QRCCapsNet", "capsule_embedding", "BACKBONE_NAMES",
-           "BackboneEmbedder", "EmbeddingHead", "HEAD_FIELDS", "INPUT_CONVENTIONS"]
+__all__ = [
+  "BACKBONE_NAMES",
+  "EMBEDDINGS",
+  "HEAD_FIELDS",
+  "INPUT_CONVENTIONS",
+  "MODEL_NAMES",
+  "BackboneEmbedder",
+  "CapsNetEmbedder",
+  "EmbeddingHead",
+  "QRCCapsNet",
+  "RCCapsNet",
+  "SCCapsNet",
+  "capsule_embedding",
+  "config_problems",
+  "get_model",
+  "model_fields",
+  "resolve_dtype",
+]

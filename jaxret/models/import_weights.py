@@ -20,11 +20,11 @@ the pickle's code (`torch_checkpoint`).
 """
 
 import argparse
+from collections.abc import Callable, Mapping
 import dataclasses
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import logging

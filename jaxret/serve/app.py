@@ -54,7 +54,7 @@ class Settings:
   max_wait_ms: float = 5.0
   max_queue: int = 256
   decode_threads: int = 4
-  limits: uploads.Limits = uploads.Limits()
+  limits: uploads.Limits = dataclasses.field(default_factory=uploads.Limits)
   thumbnail_size: int = 128
   thumbnail_cache: int = 2048
 

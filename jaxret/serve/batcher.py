@@ -13,6 +13,7 @@ import asyncio
 import collections
 from collections.abc import Callable, Sequence
 import concurrent.futures
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -77,10 +78,8 @@ class Batcher:
     """Stops taking batches, fails the waiting requests, and lets the running batch finish."""
     if self._loop_task is not None:
       self._loop_task.cancel()
-      try:
+      with contextlib.suppress(asyncio.CancelledError):
         await self._loop_task
-      except asyncio.CancelledError:
-        pass
       self._loop_task = None
     while self._waiting:
       waiting = self._waiting.popleft()
@@ -129,7 +128,7 @@ class Batcher:
         self._arrived.clear()
         try:
           await asyncio.wait_for(self._arrived.wait(), remaining)
-        except asyncio.TimeoutError:  # (The builtin TimeoutError from Python 3.11.)
+        except TimeoutError:  # (The builtin TimeoutError from Python 3.11.)
           break
       batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
       batch = [w for w in batch if not w.future.done()]  # A client that went away is not computed.
