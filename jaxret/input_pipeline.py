@@ -20,6 +20,7 @@ batches. A resumed run sees exactly the batches an uninterrupted run would have 
 
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
+import importlib
 import io
 import os
 import queue
@@ -76,7 +77,9 @@ def get_builder(name: str, data_dir: str | None = None, *, prepare: bool = True)
     DatasetNotPreparedError: the dataset is not prepared and cannot be generated here, with what to do.
     ConfigError: an unknown dataset name.
   """
-  # Importing the packages registers their builders with TFDS.
+  # Importing the packages registers their builders with TFDS (here, so that importing jaxret stays light).
+  for package in ("data_prep.deepfashion_inshop", "data_prep.synthetic_inshop"):
+    importlib.import_module(package)
 
   data_dir = os.path.expanduser(data_dir or default_data_dir())  # TFDS would make a folder named "~".
   family = name.split("/")[0].split(":")[0]

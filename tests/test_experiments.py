@@ -81,6 +81,30 @@ def test_the_sampler_never_draws_a_held_out_product():
   np.testing.assert_array_equal(item_ids[sampler.batch_records(3)], inner.item_ids[inner.batch_records(3)])
 
 
+def test_validation_splits_read_the_held_out_rows_from_the_cache_or_decode_them(tmp_path):
+  """The validation query and gallery are rows of the decoded training split; in stream mode (no decoded
+  pixels) the same rows decoded from the JPEGs by the function that fills the cache: identical pixels."""
+  builder = input_pipeline.get_builder("synthetic_inshop/tiny", str(tmp_path))
+  config = run_config.base_config()
+  config.input.cache_size = 16
+  decoded = input_pipeline.open_decoded_split(config, builder, "train", progress=False)
+  labels_only = input_pipeline.open_decoded_split(config, builder, "train", pixels=False, progress=False)
+  held = validation.hold_out_products(decoded.index.item_ids, 3, seed=1)
+  from_cache = validation.evaluation_splits(decoded, held)
+  decoding = validation.evaluation_splits(labels_only, held, source=input_pipeline.read_split(builder, "train"),
+                                          size=16)
+  for split, records in (("query", held.query_records), ("gallery", held.gallery_records)):
+    for splits in (from_cache, decoding):
+      rows = splits[split]
+      assert rows.images.shape == (len(records), 16, 16, 3) and len(rows) == len(records)
+      np.testing.assert_array_equal(rows.index.item_ids, decoded.index.item_ids[records])
+      np.testing.assert_array_equal(rows.images[0:len(records)], decoded.images[records])
+      np.testing.assert_array_equal(rows.images[1], decoded.images[records[1]])
+    batches = list(input_pipeline.eval_batches(decoding[split], global_batch=4))
+    pixels = np.concatenate([b["image"] for b in batches])[:len(records)]
+    np.testing.assert_array_equal(pixels, decoded.images[records])
+
+
 @pytest.mark.parametrize("num_products,products_per_batch,message", [
     (31, 2, "asks for more products than the training split has: 30 of its 35 products have the 2 or more"),
     (28, 4, "leaves 2 training products with 2 or more images, fewer than the 4 products of a training batch"),
