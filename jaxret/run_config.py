@@ -97,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.decay_per_epoch = 0.995  # exponential_per_epoch: rate x this after each pass over the images.
   config.optim.weight_decay = 0.0  # Decoupled (AdamW) weight decay.
   config.optim.grad_clip_norm = 1.0  # Global gradient norm clip; 0 turns it off.
+  # Fine-tuning a backbone model (see docs/models.md): the embedding head's rate x this, and the backbone frozen
+  # (rate 0) for the first head_only_steps steps. Frozen BatchNorm statistics: config.model.freeze_batch_norm.
+  config.optim.head_lr_multiplier = 1.0
+  config.optim.head_only_steps = 0
 
   config.total_steps = 1000
   config.warmup_steps = 50  # Linear warm-up of the learning rate.
@@ -239,6 +243,15 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
       problems.append(f"config.{field}={config[field]} must be at least 1.")
   if config.optim.learning_rate <= 0:
     problems.append(f"config.optim.learning_rate={config.optim.learning_rate} must be positive.")
+  head_lr_multiplier = config.optim.get("head_lr_multiplier", 1.0)
+  head_only_steps = config.optim.get("head_only_steps", 0)
+  if not isinstance(head_lr_multiplier, (int, float)) or head_lr_multiplier < 0:
+    problems.append(f"config.optim.head_lr_multiplier={head_lr_multiplier!r} must be a number >= 0.")
+  if not isinstance(head_only_steps, int) or head_only_steps < 0:
+    problems.append(f"config.optim.head_only_steps={head_only_steps!r} must be a whole number >= 0.")
+  if (head_lr_multiplier != 1 or head_only_steps) and config.model.name not in models.BACKBONE_NAMES:
+    problems.append(f"config.optim.head_lr_multiplier / head_only_steps apply to the backbone models (a "
+                    f"backbone and an embedding head), not to {config.model.name}; leave them at 1.0 and 0.")
   if config.evals.metric not in metrics.METRICS:
     problems.append(f"config.evals.metric={config.evals.metric!r} must be one of {list(metrics.METRICS)}.")
   if config.evals.rerank not in rerank.METHODS:

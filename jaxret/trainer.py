@@ -109,22 +109,36 @@ def make_optimizer(config: ml_collections.ConfigDict, objective: losses.objectiv
                    steps_per_epoch: int | None = None) -> optax.GradientTransformation:
   """Adam(W) on `learning_rate_schedule(config, steps_per_epoch)`, gradient clipping by global norm.
 
-  It updates `{"model": params, "loss": loss_params}`; the parameters of each loss term learn at the model's
-  rate times that term's `lr_multiplier` (e.g. x100 for Proxy-Anchor's proxies), through
-  `optax.multi_transform`. `steps_per_epoch` (training images // global batch) is needed only by the
-  "exponential_per_epoch" schedule.
+  It updates `{"model": params, "loss": loss_params}` through `optax.multi_transform`, one AdamW per group of
+  parameters, each at the schedule times a multiplier:
+  - the parameters of each loss term at that term's `lr_multiplier` (e.g. x100 for Proxy-Anchor's proxies);
+  - for the backbone models (parameters `{"backbone": ..., "head": ...}`), the embedding head at
+    `config.optim.head_lr_multiplier` (fine-tuning recipes train a fresh head faster than pretrained layers),
+    and the backbone at 0 for the first `config.optim.head_only_steps` steps (only the head trains while it
+    is random, so that its first gradients do not disturb the pretrained features).
+  `steps_per_epoch` (training images // global batch) is needed only by the "exponential_per_epoch" schedule.
   """
   schedule = learning_rate_schedule(config, steps_per_epoch)
+  head_only_steps = config.optim.get("head_only_steps") or 0
 
-  def adamw(multiplier: float) -> optax.GradientTransformation:
-    rate = schedule if multiplier == 1.0 else (lambda step: multiplier * schedule(step))
+  def adamw(multiplier: float, frozen_steps: int = 0) -> optax.GradientTransformation:
+    def rate(step):
+      value = schedule(step) if multiplier == 1.0 else multiplier * schedule(step)
+      return jnp.where(step < frozen_steps, 0.0, value) if frozen_steps else value
     return optax.adamw(rate, weight_decay=config.optim.weight_decay)
 
   multipliers = objective.lr_multipliers()
-  transforms = {"model": adamw(1.0), **{f"loss/{name}": adamw(m) for name, m in multipliers.items()}}
+  transforms = {"model": adamw(1.0), "backbone": adamw(1.0, head_only_steps),
+                "head": adamw(config.optim.get("head_lr_multiplier") or 1.0),
+                **{f"loss/{name}": adamw(m) for name, m in multipliers.items()}}
+
+  def model_labels(params):
+    if set(params) == {"backbone", "head"}:
+      return {part: jax.tree.map(lambda _, p=part: p, params[part]) for part in params}
+    return jax.tree.map(lambda _: "model", params)
 
   def labels(tree):
-    return {"model": jax.tree.map(lambda _: "model", tree["model"]),
+    return {"model": model_labels(tree["model"]),
             "loss": {name: jax.tree.map(lambda _, n=name: f"loss/{n}", sub) for name, sub in tree["loss"].items()}}
 
   parts = []

@@ -20,14 +20,27 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 
 # Fields that change what is logged, evaluated or kept, not the trained model: accepted on resume.
+# Where the decoded training images live changes how fast batches come, not which: the three cache modes give
+# the same batches (tests/test_input_pipeline.py).
 HARMLESS_FIELDS = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "data_dir", "input.num_threads",
     "evals.ks", "evals.metric", "evals.batch_size", "evals.num_pictures", "evals.rerank",
+    "input.cache", "input.cache_dir", "input.cache_memory_fraction", "input.num_workers", "input.prefetch",
 )
 
 # Fields added to the config after runs were stored, with the value that reproduces those runs: a stored
 # config without the field is compared as if it held that value.
-ADDED_FIELDS = {"input.validation_products": 0}
+ADDED_FIELDS = {
+    "input.validation_products": 0,
+    "input.sampler": "pk",
+    "input.categories_per_batch": 2,
+    "input.cache_size": None,
+    "optim.schedule": "warmup_cosine",
+    "optim.decay_per_epoch": 0.995,
+    "optim.head_lr_multiplier": 1.0,
+    "optim.head_only_steps": 0,
+    "loss.htl.rebuild_every": 0,
+}
 
 
 class WorkdirError(ValueError):
