@@ -11,7 +11,7 @@ run, or one on more processes, holds out the same products and splits them the s
 
   held_out = hold_out_products(train_index.item_ids, num_products=40, seed=config.seed)
   sampler = SubsetSampler(PKSampler(train_index.item_ids[held_out.train_records], P, K, seed),
-                          held_out.train_records, len(train_index))
+                          held_out.train_records, train_index.item_ids)
   splits = evaluation_splits(train_split, held_out)    # {"query": DecodedSplit, "gallery": DecodedSplit}
 """
 
@@ -129,9 +129,9 @@ class RecordRows:
     if self.images is not None:
       return np.asarray(self.images[records])
     rows = np.atleast_1d(records)
-    pixels = np.stack([decoded_cache.decode_pixels(r["image"], self.shape[1])
-                       for r in self.source.__getitems__([int(i) for i in rows])]) if len(rows) else (
-                           np.zeros((0, *self.shape[1:]), np.uint8))
+    pixels = np.zeros((len(rows), *self.shape[1:]), np.uint8)
+    for i, record in enumerate(self.source.__getitems__([int(r) for r in rows]) if len(rows) else []):
+      pixels[i] = decoded_cache.decode_pixels(record["image"], self.shape[1])
     return pixels if np.ndim(records) else pixels[0]
 
 
