@@ -119,7 +119,11 @@ def index_from_labels(labels: Mapping[str, np.ndarray]) -> SplitIndex:
 
 
 def stack_labels(records) -> dict[str, np.ndarray]:
-  """Every feature but the image of a list of records, stacked (`image_name` bytes as str)."""
+  """Every feature but the image of a list of records, stacked (`image_name` bytes as str).
+
+  Features whose shape varies between records (e.g. DeepFashion2's `landmarks`, `[n, 3]` with n by category)
+  cannot be one array and are left out.
+  """
   labels = {}
   for key in records[0]:
     if key == "image":
@@ -127,8 +131,20 @@ def stack_labels(records) -> dict[str, np.ndarray]:
     values = [record[key] for record in records]
     if key == "image_name":
       values = [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+    if len({np.shape(v) for v in values}) > 1:
+      continue
     labels[key] = np.asarray(values)
   return labels
+
+
+def concatenate_labels(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """`stack_labels` of consecutive chunks of a split, joined; a feature left out of a chunk, or of another
+  shape in another chunk (a varying shape that happened to agree within a chunk), is left out of the split."""
+  if not chunks:
+    return {}
+  keys = [key for key in chunks[0]
+          if all(key in chunk and chunk[key].shape[1:] == chunks[0][key].shape[1:] for chunk in chunks)]
+  return {key: np.concatenate([chunk[key] for chunk in chunks]) for key in keys}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,8 +430,7 @@ def _build(builder, split: str, size: int | None, path: str, meta: dict, *, num_
     else:
       _decode_in_workers(workers, source, images_path, chunks, done)
     bar.close()
-    labels = {key: np.concatenate([labels_by_start[s][key] for s in sorted(labels_by_start)])
-              for key in labels_by_start[0]}
+    labels = concatenate_labels([labels_by_start[s] for s in sorted(labels_by_start)])
     np.savez(os.path.join(tmp, _LABELS), **labels)
     with open(os.path.join(tmp, _META), "w") as f:
       json.dump(meta, f, indent=1)

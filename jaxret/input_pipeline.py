@@ -49,6 +49,13 @@ _INSHOP_PREPARE_HELP = (
     "  python -m data_prep.deepfashion_inshop --manual_dir DIR --data_dir {data_dir}\n"
     "where DIR holds Img/img.zip and Eval/list_eval_partition.txt; see docs/deepfashion.md. "
     "To try jaxret without it, use configs/demo.py (a synthetic dataset made on first use).")
+_DEEPFASHION2_PREPARE_HELP = (
+    "DeepFashion2 must be downloaded by hand (its zips are password-protected; the password comes with the "
+    "agreement) and converted once:\n"
+    "  python -m data_prep.deepfashion2 --manual_dir DIR --data_dir {data_dir} [--password P]\n"
+    "where DIR holds train.zip and validation.zip (or their extracted folders); see docs/deepfashion.md.")
+# Datasets that must be downloaded by hand: what to tell a user whose data dir does not hold them.
+_PREPARE_BY_HAND = {"deepfashion_inshop": _INSHOP_PREPARE_HELP, "deepfashion2": _DEEPFASHION2_PREPARE_HELP}
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -61,11 +68,12 @@ def default_data_dir() -> str:
 
 
 def get_builder(name: str, data_dir: str | None = None, *, prepare: bool = True) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of an In-shop dataset, prepared on first use when it can be generated here.
+  """The TFDS builder of a retrieval dataset, prepared on first use when it can be generated here.
 
   Args:
-    name: "synthetic_inshop/<config>" (generated here on first use) or "deepfashion_inshop/<config>" (must
-      have been prepared with `python -m data_prep.deepfashion_inshop`).
+    name: "synthetic_inshop/<config>" (generated here on first use), "deepfashion_inshop/<config>" or
+      "deepfashion2" (must have been prepared with `python -m data_prep.deepfashion_inshop` /
+      `python -m data_prep.deepfashion2`).
     data_dir: TFDS data dir; None means `default_data_dir()`.
     prepare: whether a synthetic dataset may be generated now (False on processes that wait for another
       one to generate it).
@@ -78,23 +86,23 @@ def get_builder(name: str, data_dir: str | None = None, *, prepare: bool = True)
     ConfigError: an unknown dataset name.
   """
   # Importing the packages registers their builders with TFDS (here, so that importing jaxret stays light).
-  for package in ("data_prep.deepfashion_inshop", "data_prep.synthetic_inshop"):
+  for package in ("data_prep.deepfashion_inshop", "data_prep.deepfashion2", "data_prep.synthetic_inshop"):
     importlib.import_module(package)
 
   data_dir = os.path.expanduser(data_dir or default_data_dir())  # TFDS would make a folder named "~".
   family = name.split("/")[0].split(":")[0]
-  if family not in ("synthetic_inshop", "deepfashion_inshop"):
-    raise run_config.ConfigError(f"config.input.dataset={name!r} is not an In-shop dataset; use "
-                     "'synthetic_inshop/<config>' or 'deepfashion_inshop/<config>'.")
+  if family not in ("synthetic_inshop", "deepfashion_inshop", "deepfashion2"):
+    raise run_config.ConfigError(f"config.input.dataset={name!r} is not a dataset jaxret reads; use "
+                                 "'synthetic_inshop/<config>', 'deepfashion_inshop/<config>' or 'deepfashion2'.")
   try:
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   except (ValueError, tfds.core.registered.DatasetNotFoundError) as e:
     raise run_config.ConfigError(f"config.input.dataset={name!r}: {e}") from e
   if builder.is_prepared():
     return builder
-  if family == "deepfashion_inshop":
+  if family in _PREPARE_BY_HAND:
     raise DatasetNotPreparedError(f"Dataset {name} is not prepared in {data_dir}.\n"
-                            + _INSHOP_PREPARE_HELP.format(data_dir=data_dir))
+                                  + _PREPARE_BY_HAND[family].format(data_dir=data_dir))
   if prepare:
     logging.info("Generating %s into %s (first use only).", name, data_dir)
     builder.download_and_prepare()
@@ -118,7 +126,7 @@ def index_split(source, desc: str = "indexing") -> SplitIndex:
   chunk = 1024
   for start in tqdm.trange(0, len(source), chunk, desc=desc, leave=False, disable=len(source) < 20_000):
     chunks.append(decoded_cache.stack_labels(source.__getitems__(list(range(start, min(start + chunk, len(source)))))))
-  return decoded_cache.index_from_labels({key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]})
+  return decoded_cache.index_from_labels(decoded_cache.concatenate_labels(chunks))
 
 
 def cache_size(config: ml_collections.ConfigDict) -> int:

@@ -134,3 +134,14 @@ decoded_cache.open_split(builder, "train", 16, cache_dir={cache_dir!r}, num_work
   split = decoded_cache.open_split(builder, "train", 16, cache_dir=cache_dir, num_workers=0)
   assert_is_the_split(split, records, 16)
   assert os.listdir(root) == ["train-16px"]  # The dead build's folder is gone.
+
+
+def test_features_of_varying_shape_are_left_out_of_the_labels():
+  """DeepFashion2's landmarks are `[n, 3]` with n by category: not one array, so not kept (whatever the chunks)."""
+  records = [{"image": b"", "item_id": 1, "landmarks": np.zeros((2, 3))},
+             {"image": b"", "item_id": 2, "landmarks": np.zeros((3, 3))}]
+  assert set(decoded_cache.stack_labels(records)) == {"item_id"}
+  one_by_one = [decoded_cache.stack_labels(records[:1]), decoded_cache.stack_labels(records[1:])]
+  assert all("landmarks" in chunk for chunk in one_by_one)  # Each chunk alone has one shape ...
+  joined = decoded_cache.concatenate_labels(one_by_one)  # ... but the split has two.
+  assert set(joined) == {"item_id"} and joined["item_id"].tolist() == [1, 2]

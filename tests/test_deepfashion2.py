@@ -310,3 +310,20 @@ def test_unprepared_dataset_is_refused_with_the_command(tmp_path):
   with pytest.raises(release.DeepFashion2Error) as error:
     tfds.data_source("deepfashion2", data_dir=str(tmp_path), split="query")
   assert f"python -m data_prep.deepfashion2 --manual_dir DIR --data_dir {tmp_path}" in str(error.value)
+
+
+def test_the_input_pipeline_reads_the_prepared_dataset(built, tmp_path):
+  """`config.input.dataset = "deepfashion2"` reaches the prepared dataset: its splits decode into the cache
+  with every garment's labels; an unprepared data dir gets the command that prepares it."""
+  from jaxret import decoded_cache  # pylint: disable=g-import-not-at-top
+  from jaxret import input_pipeline  # pylint: disable=g-import-not-at-top
+  builder = input_pipeline.get_builder("deepfashion2", built.data_dir_root)
+  records = raw_records(built, "query")
+  split = decoded_cache.open_split(builder, "query", 16, cache_dir=str(tmp_path / "cache"), num_workers=0,
+                                   progress=False)
+  assert split.images.shape == (len(records), 16, 16, 3)
+  np.testing.assert_array_equal(split.index.item_ids, [r["item_id"] for r in records])
+  np.testing.assert_array_equal(split.index.features["bbox"], [r["bbox"] for r in records])
+  with pytest.raises(input_pipeline.DatasetNotPreparedError,
+                     match="python -m data_prep.deepfashion2 --manual_dir DIR --data_dir"):
+    input_pipeline.get_builder("deepfashion2", str(tmp_path / "empty"))
