@@ -11,14 +11,7 @@ from jaxret import run_config
 
 
 def get_config(arg=None):
-  config = run_config.base_config()
-  config.input.dataset = "synthetic_inshop/small"
-  config.input.image_size = 64
-  config.input.batch_size = 32  # 8 products x 4 images.
-  config.input.images_per_product = 4
-  # The synthetic views already vary pose, zoom and light a lot; a light crop and jitter on top of them.
-  config.input.crop_scale = (0.85, 1.0)
-  config.input.color_jitter = 0.1
+  config = run_config.demo_config()  # synthetic_inshop/small, 64x64, 8 products x 4 images, 3,000 steps.
   config.model.name = "rccapsnet_tiny"
   config.model.dropout_rate = 0.0  # A short run on small data gains nothing from dropout (measured).
   config.model.logit_update = "replace"  # As the published RCCapsNet code routes.
@@ -26,10 +19,4 @@ def get_config(arg=None):
   # onto one point in this short run; averaging over all active triplets does not (docs/benchmarks.md).
   config.loss.name = "triplet"
   config.loss.triplet.update(margin=0.2, mining="batch_all")
-  config.optim.learning_rate = 1e-3
-  config.total_steps = 3000
-  config.warmup_steps = 50
-  config.log_every = 25
-  config.eval_every = 500
-  config.checkpoint_every = 500
   return run_config.finalize(config, arg)

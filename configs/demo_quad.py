@@ -13,25 +13,14 @@ from jaxret import run_config
 
 
 def get_config(arg=None):
-  config = run_config.base_config()
-  config.input.dataset = "synthetic_inshop/small"
-  config.input.image_size = 64
-  config.input.batch_size = 32  # 2 categories x 4 products x 4 images.
-  config.input.images_per_product = 4
+  config = run_config.demo_config()  # configs/demo.py's data and schedule; 2 categories x 4 products x 4 images.
   config.input.sampler = "category_balanced"
   config.input.categories_per_batch = 2
-  config.input.crop_scale = (0.85, 1.0)  # As configs/demo.py.
-  config.input.color_jitter = 0.1
   config.model.name = "qrccapsnet_tiny"
   config.model.dropout_rate = 0.0
   config.model.logit_update = "replace"
   config.loss.name = "category_quadruplet"
   config.loss.category_quadruplet.update(margin1=0.2, margin2=0.2, weight1=0.9, weight2=0.1, squared=False,
                                          mining="batch_all")
-  config.optim.learning_rate = 1e-3
   config.total_steps = 1500  # The length of the sweep's runs (docs/benchmarks.md).
-  config.warmup_steps = 50
-  config.log_every = 25
-  config.eval_every = 500
-  config.checkpoint_every = 500
   return run_config.finalize(config, arg)

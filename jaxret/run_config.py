@@ -120,6 +120,26 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def demo_config() -> ml_collections.ConfigDict:
+  """`base_config()` set up as the demo's data, batches and schedule (`synthetic_inshop/small`, 64x64, 32
+  images a step, 3,000 steps); configs/demo*.py add model and loss."""
+  config = base_config()
+  config.input.dataset = "synthetic_inshop/small"
+  config.input.image_size = 64
+  config.input.batch_size = 32
+  config.input.images_per_product = 4
+  # The synthetic views already vary pose, zoom and light a lot; a light crop and jitter on top of them.
+  config.input.crop_scale = (0.85, 1.0)
+  config.input.color_jitter = 0.1
+  config.optim.learning_rate = 1e-3
+  config.total_steps = 3000
+  config.warmup_steps = 50
+  config.log_every = 25
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  return config
+
+
 def inshop_config() -> ml_collections.ConfigDict:
   """`base_config()` set up for DeepFashion In-shop at the papers' scale; the configs add model and loss."""
   config = base_config()
