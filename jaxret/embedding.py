@@ -11,7 +11,7 @@ this module:
   embeddings, index, source = embedder.embed_split("gallery")
 """
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 import functools
 import hashlib
 import json
@@ -71,17 +71,24 @@ def init_variables(model, config: ml_collections.ConfigDict, out_sharding=None) 
   return jax.jit(init, out_shardings=out_sharding)()
 
 
-def embed_step(variables: Variables, pixels: jax.Array, category: jax.Array | None = None, *, model,
-               image_size: int, convention: input_conventions.InputConvention = input_conventions.IMAGENET
-               ) -> jax.Array:
+def embed_step(variables: Variables, pixels: jax.Array, category: jax.Array | None = None,
+               boxes: Mapping[str, jax.Array] | None = None, *, model, image_size: int,
+               convention: input_conventions.InputConvention = input_conventions.IMAGENET,
+               box_margin: float = 0.0) -> jax.Array:
   """`[B, C, C, 3]` uint8 pixels to `[B, D]` float32 embeddings, inference mode.
 
   The pixels (a decoded cache's, or `input_pipeline.decode_pixels` of a file) are resized to `image_size` and
   normalised by the model's input `convention` here, on the device (`augment.eval_images`).
   `category` `[B]` is read only by models that mask with the ground-truth category at evaluation
   (`embedding="label_leaky_eval"`, the capsule papers' protocol); the others ignore it.
+  `boxes` `{"bbox": [B, 4], "has_bbox": [B]}`, when given, crops each image to its box grown by `box_margin`
+  (`config.input.crop_to_box`); without it the whole image is embedded.
   """
-  images = augment.eval_images(pixels, image_size, convention)
+  if boxes is None:
+    images = augment.eval_images(pixels, image_size, convention)
+  else:
+    images = augment.eval_images(pixels, image_size, convention, bbox=boxes["bbox"], has_bbox=boxes["has_bbox"],
+                                 box_margin=box_margin)
   embeddings, _ = model.apply(variables, images, train=False, category=category)
   return embeddings.astype(jnp.float32)
 
@@ -92,7 +99,7 @@ def embed_batches_on_device(embed, variables: Variables, batches: Iterable[dict[
   """Embeds the process-local blocks of a stream of global batches; the result stays on the devices.
 
   Args:
-    embed: the jitted `embed_step` (variables, images, category) -> embeddings, split over `mesh`.
+    embed: the jitted `embed_step` (variables, images, category, boxes) -> embeddings, split over `mesh`.
     variables: the model's variables.
     batches: process-local blocks `{"image", "category"?, ...}` of global batches (`padded_batches` order).
     mesh: the data mesh.
@@ -118,7 +125,9 @@ def _embed_stream(embed, variables: Variables, batches: Iterable[dict[str, np.nd
     images = jax.make_array_from_process_local_data(data, batch["image"])
     category = (jax.make_array_from_process_local_data(data, batch["category"]) if "category" in batch
                 else None)
-    yield embed(variables, images, category)
+    boxes = ({key: jax.make_array_from_process_local_data(data, batch[key]) for key in input_pipeline.BOX_FEATURES}
+             if "bbox" in batch else None)
+    yield embed(variables, images, category, boxes)
 
 
 def process_rows(embeddings: jax.Array) -> np.ndarray:
@@ -137,12 +146,14 @@ def _concatenate(data_sharding):
 
 
 def jit_embed_step(model, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict):
-  """`embed_step` of the config's model, input size and input convention (`models.INPUT_CONVENTIONS`), jitted
-  over `mesh`: variables replicated, pixels and embeddings split over the devices."""
+  """`embed_step` of the config's model, input size, input convention (`models.INPUT_CONVENTIONS`) and box
+  margin, jitted over `mesh`: variables replicated; pixels, category, boxes and embeddings split over the
+  devices. Call it as `embed(variables, pixels, category_or_None, boxes_or_None)`."""
   data = sharding.data_sharding(mesh)
   return jax.jit(functools.partial(embed_step, model=model, image_size=config.input.image_size,
-                                   convention=models.INPUT_CONVENTIONS[config.model.name]),
-                 in_shardings=(sharding.replicated(mesh), data, data), out_shardings=data)
+                                   convention=models.INPUT_CONVENTIONS[config.model.name],
+                                   box_margin=float(config.input.get("box_margin", 0.0))),
+                 in_shardings=(sharding.replicated(mesh), data, data, data), out_shardings=data)
 
 
 def _variables_fingerprint(config: ml_collections.ConfigDict, variables: Variables) -> str:
@@ -239,7 +250,7 @@ class Embedder:
     self.input_size = input_pipeline.cache_size(self.config)
     size = self.input_size
     sample = jax.ShapeDtypeStruct((self.num_devices, size, size, 3), np.uint8)
-    self.dim = int(jax.eval_shape(self._embed, self.variables, sample, None).shape[1])
+    self.dim = int(jax.eval_shape(self._embed, self.variables, sample, None, None).shape[1])
 
   @property
   def num_devices(self) -> int:
@@ -315,7 +326,7 @@ class Embedder:
         padded *= 2
       padded = min(padded, self.batch_size)
       padded_chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), np.uint8)])
-      embeddings = self._embed(self.variables, jax.device_put(padded_chunk, data), None)
+      embeddings = self._embed(self.variables, jax.device_put(padded_chunk, data), None, None)
       outputs.append(sharding.host_array(embeddings)[:len(chunk)])
     if not outputs:
       return np.zeros((0, self.dim), np.float32)
@@ -348,7 +359,8 @@ class Embedder:
     source = input_pipeline.read_split(builder, split)
     decoded = input_pipeline.open_decoded_split(self.config, builder, split)
     batches = input_pipeline.eval_batches(decoded, global_batch=self.batch_size,
-                                          process_index=jax.process_index(), process_count=jax.process_count())
+                                          process_index=jax.process_index(), process_count=jax.process_count(),
+                                          features=input_pipeline.box_features(self.config))
     return batches, decoded.index, source
 
   def embed_files(self, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

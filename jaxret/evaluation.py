@@ -94,7 +94,7 @@ class Evaluator:
     """`[N_padded, D]` embeddings of a split in record order, split over the devices; rows >= N are padding."""
     batches = input_pipeline.eval_batches(
         self.splits[split], global_batch=self.config.evals.batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), features=input_pipeline.box_features(self.config))
     return embedding.embed_batches_on_device(self._embed, variables, batches, self.mesh,
                                              desc=f"embedding {split}")
 

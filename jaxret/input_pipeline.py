@@ -182,10 +182,49 @@ def choose_cache(requested: str, *, num_records: int, size: int, memory_fraction
                     f"host's {ram / 2**30:.1f} GiB of RAM")
 
 
-def batch_labels(index: SplitIndex, sampler: samplers.PKSampler) -> dict[str, np.ndarray]:
-  """`[N]` int32 labels of every training record that go into a batch (ids as jax's default integer)."""
+# The features a batch needs for box crops (`config.input.crop_to_box`).
+BOX_FEATURES = ("bbox", "has_bbox")
+
+
+class MissingFeatureError(ValueError):
+  """The run needs a dataset feature (e.g. `bbox` for box crops) that the dataset does not have."""
+
+
+def feature_columns(index: SplitIndex, names: Sequence[str], needed_by: str = "this run") -> dict[str, np.ndarray]:
+  """`{name: [N, ...] array}` of dataset features of every record, in the dtypes the device step takes.
+
+  A mask feature `has_<x>` that the dataset lacks while it has `<x>` (DeepFashion2 has a box for every
+  garment, no `has_bbox`) is all True. Floats become float32, integers int32 (int8 stays int8: attribute
+  vectors are long), booleans stay bool.
+
+  Raises:
+    MissingFeatureError: a feature the split does not have, named with what needs it and what the split has.
+  """
+  columns = {}
+  for name in names:
+    if name in index.features:
+      value = np.asarray(index.features[name])
+    elif name.startswith("has_") and name[len("has_"):] in index.features:
+      value = np.ones(len(index), bool)
+    else:
+      raise MissingFeatureError(
+          f"{needed_by} needs the dataset feature {name!r}, which this dataset's records do not have (they "
+          f"have {sorted(index.features)}). Use a dataset with it (the In-shop builders from version 2.0.0, "
+          "deepfashion2 for bbox), or turn off what needs it.")
+    if np.issubdtype(value.dtype, np.floating):
+      value = value.astype(np.float32)
+    elif np.issubdtype(value.dtype, np.integer) and value.dtype != np.int8:
+      value = value.astype(np.int32)
+    columns[name] = value
+  return columns
+
+
+def batch_labels(index: SplitIndex, sampler: samplers.PKSampler,
+                 features: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """The labels of every training record that go into a batch: `[N]` int32 `item_id`, `category`,
+  `class_index` (ids as jax's default integer), and the dataset `features` the run needs (`feature_columns`)."""
   return {"item_id": index.item_ids.astype(np.int32), "category": index.categories.astype(np.int32),
-          "class_index": sampler.class_indices}
+          "class_index": sampler.class_indices, **feature_columns(index, features)}
 
 
 class TrainBatches(Iterator[dict[str, jax.Array]]):
@@ -216,11 +255,12 @@ class DeviceBatches(TrainBatches):
   mode = "device"
 
   def __init__(self, split: decoded_cache.DecodedSplit, sampler: samplers.PKSampler, mesh: jax.sharding.Mesh, *,
-               first_step: int, num_steps: int, process_index: int = 0, process_count: int = 1):
+               first_step: int, num_steps: int, process_index: int = 0, process_count: int = 1,
+               features: Sequence[str] = ()):
     replicated = sharding.replicated(mesh)
     self._images = sharding.global_from_host(split.images, replicated)
     self._labels = {k: sharding.global_from_host(v, replicated)
-                    for k, v in batch_labels(split.index, sampler).items()}
+                    for k, v in batch_labels(split.index, sampler, features).items()}
     self._gather = jax.jit(_gather_batch, out_shardings=sharding.data_sharding(mesh))
     self._sampler = sampler
     self._block = _process_block(sampler.batch_size, process_index, process_count)
@@ -345,14 +385,14 @@ class HostBuffers:
 
 
 def host_local_batches(split: decoded_cache.DecodedSplit, sampler: samplers.PKSampler, *, first_step: int,
-                       num_steps: int, process_index: int = 0,
-                       process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                       num_steps: int, process_index: int = 0, process_count: int = 1,
+                       features: Sequence[str] = ()) -> Iterator[dict[str, np.ndarray]]:
   """`cache="host"`: this process's block of each step's batch gathered from the memory-mapped cache.
 
   One fancy-index copy per step (`np.take`) into a `HostBuffers` buffer, no per-image Python.
   """
   block = _process_block(sampler.batch_size, process_index, process_count)
-  labels = batch_labels(split.index, sampler)
+  labels = batch_labels(split.index, sampler, features)
   buffers = HostBuffers((block.stop - block.start, *split.images.shape[1:]))
   for step in range(first_step, num_steps):
     records = sampler.batch_records(step)[block]
@@ -382,7 +422,7 @@ class DecodeStepBlock:
 
 def stream_local_batches(source, index: SplitIndex, sampler: samplers.PKSampler, *, size: int, first_step: int,
                          num_steps: int, num_workers: int, prefetch: int = 2, process_index: int = 0,
-                         process_count: int = 1):
+                         process_count: int = 1, features: Sequence[str] = ()):
   """`cache="stream"`: this process's block of each step's batch decoded from the JPEGs by grain.
 
   With `num_workers` > 0, grain's worker processes (`mp_prefetch`) decode whole blocks, `prefetch` each ahead,
@@ -391,7 +431,7 @@ def stream_local_batches(source, index: SplitIndex, sampler: samplers.PKSampler,
   Returns:
     A grain iterator of `{"image": [B_local, size, size, 3] uint8, "item_id", "category", "class_index"}`.
   """
-  decode = DecodeStepBlock(source, sampler, batch_labels(index, sampler),
+  decode = DecodeStepBlock(source, sampler, batch_labels(index, sampler, features),
                            _process_block(sampler.batch_size, process_index, process_count), size)
   dataset = grain.MapDataset.range(first_step, num_steps).map(decode)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(1, prefetch)))
@@ -406,7 +446,7 @@ def stream_local_batches(source, index: SplitIndex, sampler: samplers.PKSampler,
 def train_batches(mode: str, split: decoded_cache.DecodedSplit, sampler: samplers.PKSampler,
                   mesh: jax.sharding.Mesh, *, first_step: int, num_steps: int, source=None, size: int | None = None,
                   num_workers: int | None = None, prefetch: int = 2, process_index: int = 0,
-                  process_count: int = 1) -> TrainBatches:
+                  process_count: int = 1, features: Sequence[str] = ()) -> TrainBatches:
   """The global training batches of steps `first_step .. num_steps - 1`, made the way `mode` says.
 
   Args:
@@ -420,11 +460,12 @@ def train_batches(mode: str, split: decoded_cache.DecodedSplit, sampler: sampler
     num_workers: decoding processes for "stream" (None: one per core; 0: a thread of this process).
     prefetch: batches made ahead of the step ("host", "stream").
     process_index, process_count: this process's block of every global batch.
+    features: dataset features that every batch carries besides the labels (`batch_labels`).
 
   Returns:
     A `TrainBatches` (close it when done).
   """
-  block = dict(process_index=process_index, process_count=process_count)
+  block = dict(process_index=process_index, process_count=process_count, features=tuple(features))
   if mode == "device":
     return DeviceBatches(split, sampler, mesh, first_step=first_step, num_steps=num_steps, **block)
   if mode == "host":
@@ -442,12 +483,12 @@ def train_batches(mode: str, split: decoded_cache.DecodedSplit, sampler: sampler
 
 def train_batches_from_config(config: ml_collections.ConfigDict, mode: str, split: decoded_cache.DecodedSplit,
                               sampler: samplers.PKSampler, mesh: jax.sharding.Mesh, *, first_step: int,
-                              source=None) -> TrainBatches:
+                              source=None, features: Sequence[str] = ()) -> TrainBatches:
   """`train_batches` with the config's sizes, workers and prefetch, for this process, up to the last step."""
   return train_batches(mode, split, sampler, mesh, first_step=first_step, num_steps=config.total_steps,
                        source=source, size=cache_size(config), num_workers=config.input.num_workers,
                        prefetch=config.input.prefetch, process_index=jax.process_index(),
-                       process_count=jax.process_count())
+                       process_count=jax.process_count(), features=features)
 
 
 def padded_batches(num_items: int, load: Callable[[int], dict[str, np.ndarray]], padding: dict[str, np.ndarray],
@@ -483,28 +524,40 @@ def padded_batches(num_items: int, load: Callable[[int], dict[str, np.ndarray]],
   return iter(dataset.batch(local_batch, drop_remainder=True))
 
 
+def box_features(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The dataset features that every batch (training and evaluation) needs for `config.input.crop_to_box`."""
+  return BOX_FEATURES if config.input.crop_to_box else ()
+
+
 def eval_batches(split: decoded_cache.DecodedSplit, *, global_batch: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 process_count: int = 1, features: Sequence[str] = ()) -> Iterator[dict[str, np.ndarray]]:
   """A decoded split in record order, padded to full global batches, this process's block of each batch.
 
+  Args:
+    split: the decoded split.
+    global_batch, process_index, process_count: the global batch and this process's block of it.
+    features: dataset features to add to every batch (`feature_columns`; zeros on padding), e.g. `bbox` and
+      `has_bbox` for evaluation on box crops (`box_features`).
+
   Yields:
-    `{"image": [B_local, C, C, 3] uint8, "item_id", "category": [B_local] int32, "valid": [B_local] bool}` with
-    `valid` False on padding; the global batch b holds records `b * global_batch ...`, so after concatenation
-    the first `len(split)` rows are the split in order. Full blocks are views of the memory map (no copy).
+    `{"image": [B_local, C, C, 3] uint8, "item_id", "category": [B_local] int32, "valid": [B_local] bool, ...}`
+    with `valid` False on padding; the global batch b holds records `b * global_batch ...`, so after
+    concatenation the first `len(split)` rows are the split in order. Full blocks are views of the memory map
+    (no copy).
   """
   local = _process_block(global_batch, process_index, process_count)
   local_batch = local.stop - local.start
-  item_ids = split.index.item_ids.astype(np.int32)
-  categories = split.index.categories.astype(np.int32)
+  columns = {"item_id": split.index.item_ids.astype(np.int32), "category": split.index.categories.astype(np.int32),
+             **feature_columns(split.index, features)}
   num = len(split)
   for first in range(0, num, global_batch):
     start, stop = min(first + local.start, num), min(first + local.stop, num)
-    batch = {"image": split.images[start:stop], "item_id": item_ids[start:stop],
-             "category": categories[start:stop], "valid": np.ones(stop - start, bool)}
+    batch = {"image": split.images[start:stop], **{key: value[start:stop] for key, value in columns.items()},
+             "valid": np.ones(stop - start, bool)}
     if stop - start < local_batch:
       pad = local_batch - (stop - start)
-      fill = {"image": np.zeros((pad, *split.images.shape[1:]), np.uint8), "item_id": np.full(pad, -1, np.int32),
-              "category": np.full(pad, -1, np.int32), "valid": np.zeros(pad, bool)}
+      fill = {key: np.zeros((pad, *value.shape[1:]), value.dtype) for key, value in batch.items()}
+      fill.update(item_id=np.full(pad, -1, np.int32), category=np.full(pad, -1, np.int32))
       batch = {key: np.concatenate([value, fill[key]]) for key, value in batch.items()}
     yield batch
 

@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.input.num_threads = 4  # Threads decoding image files for the catalogue (jaxret.index, jaxret.search).
   config.input.crop_scale = (0.6, 1.0)  # Area fraction of the random resized crop (done on the device).
   config.input.color_jitter = 0.2  # Relative strength of brightness and contrast jitter.
+  # Crop each image to its garment box (the dataset's `bbox`; the whole image where `has_bbox` is False):
+  # training draws its random crop inside the box, evaluation crops to it exactly (docs/deepfashion.md).
+  config.input.crop_to_box = False
+  config.input.box_margin = 0.1  # Fraction of the box's side added on each side before cropping.
   # Training products held out as a validation query/gallery split (`val/recall@K`), to choose a step
   # without the test split; 0: none. See jaxret/validation.py.
   config.input.validation_products = 0
@@ -213,6 +217,12 @@ def input_problems(section: ml_collections.ConfigDict) -> list[str]:
                     "positive integer, or None (one per CPU core).")
   if not isinstance(section.prefetch, int) or section.prefetch < 1:
     problems.append(f"config.input.prefetch={section.prefetch!r} must be a positive integer.")
+  if not isinstance(section.crop_to_box, bool):
+    problems.append(f"config.input.crop_to_box={section.crop_to_box!r} must be True or False.")
+  if isinstance(section.box_margin, bool) or not isinstance(section.box_margin, (int, float)) \
+      or not 0 <= section.box_margin <= 1:
+    problems.append(f"config.input.box_margin={section.box_margin!r} must be a number in [0, 1] (the fraction "
+                    "of the box's side added on each side).")
   return problems
 
 

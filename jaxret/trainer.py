@@ -181,7 +181,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
     `finite` is False when the loss, the gradients or the new parameters hold a NaN or an inf.
   """
   images = augment.train_images(batch["image"], augment.image_keys(seed, state.step, batch["image"].shape[0]),
-                                augmentation)
+                                augmentation, batch.get("bbox"), batch.get("has_bbox"))
+  # Dataset features the model reads in training (e.g. ground-truth landmarks); at evaluation it predicts them.
+  model_inputs = {name: batch[name] for name in model_batch_inputs(model)}
   dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
   loss_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 3), state.step)
   loss_batch = {**batch, "rng": jax.random.key_data(loss_key)}
@@ -189,7 +191,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
   def loss_of(trainable):
     (embeddings, aux), updates = model.apply(
         {"params": trainable["model"], "batch_stats": state.batch_stats}, images, train=True,
-        category=batch["category"], mutable=["batch_stats"], rngs={"dropout": dropout_key})
+        category=batch["category"], mutable=["batch_stats"], rngs={"dropout": dropout_key}, **model_inputs)
     value, logged = objective(trainable["loss"], {"embedding": embeddings, **aux}, loss_batch)
     return value, (updates, logged)
 
@@ -209,7 +211,38 @@ def augmentation_from_config(config: ml_collections.ConfigDict) -> augment.Augme
   """The training augmentation of `config.input`, normalised by the model's input convention."""
   return augment.Augmentation(image_size=config.input.image_size, crop_scale=tuple(config.input.crop_scale),
                               color_jitter=config.input.color_jitter,
-                              convention=models.INPUT_CONVENTIONS[config.model.name])
+                              convention=models.INPUT_CONVENTIONS[config.model.name],
+                              crop_to_box=config.input.crop_to_box, box_margin=float(config.input.box_margin))
+
+
+def model_batch_inputs(model) -> tuple[str, ...]:
+  """Dataset features a model takes as keyword arguments in training (its `batch_inputs`, e.g. FashionNet's
+  ground-truth landmarks); most models take none."""
+  return tuple(getattr(model, "batch_inputs", ()))
+
+
+def batch_feature_needs(config: ml_collections.ConfigDict, model,
+                        objective: losses.objective.Objective) -> dict[str, str]:
+  """`{dataset feature: what needs it}` for the features every training batch must carry besides the labels."""
+  needs = {name: "config.input.crop_to_box" for name in input_pipeline.box_features(config)}
+  for name in model_batch_inputs(model):
+    needs.setdefault(name, f"config.model.name={config.model.name!r}")
+  for term_name, term in objective.terms.items():
+    for name in term.loss.batch_features:
+      needs.setdefault(name, f"the {term_name} loss")
+  return needs
+
+
+def check_batch_features(index: decoded_cache.SplitIndex, needs: Mapping[str, str], dataset: str) -> None:
+  """Raises `input_pipeline.MissingFeatureError` naming each needed feature the dataset does not have."""
+  missing = [f"{name!r} (for {who})" for name, who in needs.items()
+             if name not in index.features
+             and not (name.startswith("has_") and name[len("has_"):] in index.features)]
+  if missing:
+    raise input_pipeline.MissingFeatureError(
+        f"Dataset {dataset} has no feature {', '.join(missing)}; its records have {sorted(index.features)}. "
+        "Use a dataset with them (deepfashion_inshop and synthetic_inshop from version 2.0.0 have bbox, "
+        "landmarks and attributes; deepfashion2 has bbox), or turn off what needs them.")
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model,
@@ -265,7 +298,8 @@ def make_loss_rebuilder(config: ml_collections.ConfigDict, objective: losses.obj
     if not due:
       return state
     batches = input_pipeline.eval_batches(training, global_batch=config.evals.batch_size,
-                                          process_index=jax.process_index(), process_count=jax.process_count())
+                                          process_index=jax.process_index(), process_count=jax.process_count(),
+                                          features=input_pipeline.box_features(config))
     embeddings = real(embedding.embed_batches_on_device(
         embed, state.variables, batches, mesh, total_batches=-(-len(training) // config.evals.batch_size),
         desc=f"embedding the training split for {', '.join(due)}"))
@@ -367,6 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   replicated = sharding.replicated(mesh)
   model = embedding.model_from_config(config)
   objective = losses.objective_from_config(config.loss)
+  feature_needs = batch_feature_needs(config, model, objective)
+  check_batch_features(train_index, feature_needs, config.input.dataset)
   tx = make_optimizer(config, objective, steps_per_epoch=max(1, len(training_index) // config.input.batch_size))
   context = loss_context(config, model, builder, training_index)
   state = create_state(config, model, tx, objective, context, replicated)
@@ -437,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   batches = input_pipeline.train_batches_from_config(
       config, mode, splits["train"], sampler, mesh, first_step=start_step,
-      source=train_source)
+      source=train_source, features=tuple(feature_needs))
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step",
                        disable=not is_chief, dynamic_ncols=True)
   recalls, embeddings = None, None

@@ -35,6 +35,8 @@ ADDED_FIELDS = {
     "input.sampler": "pk",
     "input.categories_per_batch": 2,
     "input.cache_size": None,
+    "input.crop_to_box": False,
+    "input.box_margin": 0.1,
     "optim.schedule": "warmup_cosine",
     "optim.decay_per_epoch": 0.995,
     "optim.head_lr_multiplier": 1.0,

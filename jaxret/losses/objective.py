@@ -74,6 +74,10 @@ class Objective:
     return {name: term.loss.init_params(jax.random.fold_in(key, index), context, term.options)
             for index, (name, term) in enumerate(self.terms.items())}
 
+  def batch_features(self) -> tuple[str, ...]:
+    """The dataset features the terms read from the batch (`Loss.batch_features`), each once, in order."""
+    return tuple(dict.fromkeys(f for term in self.terms.values() for f in term.loss.batch_features))
+
   def rebuild_intervals(self, steps_per_epoch: int) -> dict[str, int]:
     """`{term name: steps between rebuilds of its parameters}` for the terms whose loss has `rebuild`."""
     return {name: int(term.options.get(REBUILD_EVERY) or 0) or max(1, steps_per_epoch)

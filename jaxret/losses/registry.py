@@ -12,7 +12,8 @@ an `init` that makes them. The trainer knows nothing else about any loss:
 * `outputs` is what the model returned: `{"embedding": [B, D], **aux}` (aux holds e.g. class capsules,
   pooled features or per-level embeddings, so that a loss may read more than one embedding).
 * `batch` holds the batch's labels: `item_id` `[B]` (product), `category` `[B]`, `class_index` `[B]`
-  (the product's index among the training split's products, in `[0, context.num_classes)`).
+  (the product's index among the training split's products, in `[0, context.num_classes)`), and the dataset
+  features the loss declares in `batch_features` (e.g. `attributes` `[B, A]` with `has_attributes` `[B]`).
 * `params` are the loss's own parameters: they live in the train state beside the model's, are updated by
   the same optimizer (with `config.optim.loss_lr_multiplier`) and are saved in every checkpoint.
 
@@ -109,6 +110,8 @@ class Loss:
       whose parameters are state computed from the whole training split (HTL's class tree), not learned:
       the trainer calls it every `rebuild_every` steps with the current model's embeddings of the training
       records, and puts the result in place of the parameters. None otherwise.
+    batch_features: dataset features (TFDS names, e.g. "attributes", "has_attributes") that `apply` reads
+      from `batch`; the trainer puts them in every batch and refuses a dataset without them.
     reference: the paper, for the docs.
   """
   name: str
@@ -116,6 +119,7 @@ class Loss:
   options: Mapping[str, Option]
   init: Callable[..., Any] | None = None
   rebuild: Callable[..., Any] | None = None
+  batch_features: tuple[str, ...] = ()
   reference: str = ""
 
   def defaults(self) -> dict[str, Any]:
