@@ -86,6 +86,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.freeze_batch_norm = placeholder(bool)  # CNN BatchNorm keeps its (pretrained) statistics (False).
   config.model.drop_path_rate = placeholder(float)  # ViT stochastic depth of the last block (0.0).
   config.model.pos_embed_grid = placeholder(int)  # ViT: side of the weights' position-embedding grid (14).
+  # Multi-task heads beside the embedding, on any model (models.heads.TaskHeads; docs/models.md): a category
+  # classifier and an attribute classifier, trained by the `category` and `attributes` losses.
+  config.model.num_categories = placeholder(int)  # Category classes (23 In-shop, 13 DeepFashion2); None/0: none.
+  config.model.num_attributes = placeholder(int)  # Attributes of the dataset's `attributes`; None/0: none.
+  config.model.feature_relaxation = placeholder(bool)  # Park et al.'s conv-ReLU-dropout-conv before the classifier.
+  config.model.relaxation_features = placeholder(int)  # Its channels (512).
+  config.model.relaxation_dropout = placeholder(float)  # Its dropout (0.5).
 
   # Every loss has its own section, so that `--config.loss.name=triplet` switches losses from the command
   # line; the section of a loss holds its options with their published defaults (jaxret/losses/, and

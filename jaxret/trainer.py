@@ -112,8 +112,9 @@ def make_optimizer(config: ml_collections.ConfigDict, objective: losses.objectiv
   It updates `{"model": params, "loss": loss_params}` through `optax.multi_transform`, one AdamW per group of
   parameters, each at the schedule times a multiplier:
   - the parameters of each loss term at that term's `lr_multiplier` (e.g. x100 for Proxy-Anchor's proxies);
-  - for the backbone models (parameters `{"backbone": ..., "head": ...}`), the embedding head at
-    `config.optim.head_lr_multiplier` (fine-tuning recipes train a fresh head faster than pretrained layers),
+  - for the backbone models (parameters `{"backbone": ..., "head": ..., "tasks"?: ...}`), the embedding head
+    and the task heads at `config.optim.head_lr_multiplier` (fine-tuning recipes train fresh heads faster than
+    pretrained layers),
     and the backbone at 0 for the first `config.optim.head_only_steps` steps (only the head trains while it
     is random, so that its first gradients do not disturb the pretrained features).
   `steps_per_epoch` (training images // global batch) is needed only by the "exponential_per_epoch" schedule.
@@ -133,8 +134,9 @@ def make_optimizer(config: ml_collections.ConfigDict, objective: losses.objectiv
                 **{f"loss/{name}": adamw(m) for name, m in multipliers.items()}}
 
   def model_labels(params):
-    if set(params) == {"backbone", "head"}:
-      return {part: jax.tree.map(lambda _, p=part: p, params[part]) for part in params}
+    if "backbone" in params and "head" in params:  # Fresh parts (the head, task heads) train as the head.
+      return {part: jax.tree.map(lambda _, p="backbone" if part == "backbone" else "head": p, params[part])
+              for part in params}
     return jax.tree.map(lambda _: "model", params)
 
   def labels(tree):

@@ -9,6 +9,7 @@ from jaxret.distances import pairwise_distances
 from jaxret.losses import abe
 from jaxret.losses import bier
 from jaxret.losses import capsule_margin
+from jaxret.losses import classification
 from jaxret.losses import contrastive
 from jaxret.losses import grid
 from jaxret.losses import hdc
@@ -43,6 +44,8 @@ LOSSES: dict[str, Loss] = {
     "abe": abe.LOSS,
     "grid": grid.LOSS,
     "capsule_margin": capsule_margin.LOSS,
+    "category": classification.CATEGORY,
+    "attributes": classification.ATTRIBUTES,
 }
 assert all(name == loss.name for name, loss in LOSSES.items())
 

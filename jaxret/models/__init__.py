@@ -33,6 +33,7 @@ from jaxret.models.capsnets import SCCapsNet
 from jaxret.models.capsnets import capsule_embedding
 from jaxret.models.heads import BackboneEmbedder
 from jaxret.models.heads import EmbeddingHead
+from jaxret.models.heads import TaskHeads
 
 # Small widths, same structure; momentum 0.9 so that BatchNorm statistics settle within a short demo run.
 _TINY = dict(primary_capsule_types=8, primary_capsule_dim=8, batch_norm_momentum=0.9)
@@ -51,6 +52,8 @@ _MODELS = {
 # (`embedding_dim`, `pooling`, ...); `dtype` and `param_dtype` go to both.
 
 HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(EmbeddingHead) if f.name not in ("parent", "name"))
+# Options of the multi-task heads that any model may carry (`TaskHeads`; `param_dtype` is the model's).
+TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskHeads) if f.name not in ("parent", "name", "param_dtype"))
 
 
 def _backbone_embedder(backbone, head_defaults=None, **kwargs) -> BackboneEmbedder:
@@ -111,7 +114,12 @@ def get_model(name: str, **kwargs) -> nn.Module:
   """
   if name not in _MODELS:
     raise ValueError(f"Unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}.")
-  return _MODELS[name](**kwargs)
+  task_options = {k: kwargs.pop(k) for k in TASK_FIELDS if k in kwargs}
+  model = _MODELS[name](**kwargs)
+  if task_options.get("num_categories") or task_options.get("num_attributes") or \
+      task_options.get("feature_relaxation"):
+    model = model.clone(tasks=TaskHeads(**task_options, param_dtype=kwargs.get("param_dtype", jnp.float32)))
+  return model
 
 
 # Fields of `config.model` that are not keyword arguments of the model: its name, and the pretrained weights
@@ -129,7 +137,7 @@ def model_fields(name: str) -> tuple[str, ...]:
   else:
     module = factory.func if isinstance(factory, functools.partial) else factory
     fields = [f.name for f in dataclasses.fields(module)]
-  return tuple(dict.fromkeys(f for f in fields if f not in ("parent", "name")))
+  return tuple(dict.fromkeys(f for f in [*fields, *TASK_FIELDS] if f not in ("parent", "name", "tasks")))
 
 
 def resolve_dtype(dtype: str) -> jnp.dtype:
@@ -175,12 +183,14 @@ __all__ = [
   "HEAD_FIELDS",
   "INPUT_CONVENTIONS",
   "MODEL_NAMES",
+  "TASK_FIELDS",
   "BackboneEmbedder",
   "CapsNetEmbedder",
   "EmbeddingHead",
   "QRCCapsNet",
   "RCCapsNet",
   "SCCapsNet",
+  "TaskHeads",
   "capsule_embedding",
   "config_problems",
   "get_model",

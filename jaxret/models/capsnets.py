@@ -84,7 +84,8 @@ class CapsNetEmbedder(nn.Module):
   Returns:
     `embedding`: `[B, num_classes * capsule_dim]` float32 (see the module docstring for the modes), and
     `aux`: dict with "class_capsules" `[B, num_classes, capsule_dim]` float32, "capsule_lengths"
-    `[B, num_classes]` float32 in [0, 1) (class scores for a margin loss) and "predicted_class" `[B]` int32.
+    `[B, num_classes]` float32 in [0, 1) (class scores for a margin loss) and "predicted_class" `[B]` int32;
+    with `tasks`, the predictions of `heads.TaskHeads` on the embedding ("category_logits", ...).
     The last iteration's coupling coefficients `[B, in_caps, num_classes]` are sown: with
     `mutable=["intermediates"]` they come back as `state["intermediates"]["coupling"][0]`.
   """
@@ -101,6 +102,7 @@ class CapsNetEmbedder(nn.Module):
   batch_norm_momentum: float = 0.99  # Keras' default, as in the published code
   dtype: Dtype = jnp.float32  # computation dtype of convs and predictions
   param_dtype: Dtype = jnp.float32
+  tasks: Any = None  # heads.TaskHeads: classifiers on the embedding (parameters under "tasks").
 
   def __post_init__(self):
     if self.embedding not in EMBEDDINGS:
@@ -153,6 +155,8 @@ class CapsNetEmbedder(nn.Module):
       mask = jax.nn.one_hot(predicted_class, self.num_classes, dtype=jnp.float32)
     embedding = capsule_embedding(class_capsules, mask)
     aux = {"class_capsules": class_capsules, "capsule_lengths": lengths, "predicted_class": predicted_class}
+    if self.tasks is not None:
+      aux.update(self.tasks(embedding, None, train=train))
     return embedding, aux
 
 

@@ -132,6 +132,67 @@ class EmbeddingHead(nn.Module):
     return x, features
 
 
+class TaskHeads(nn.Module):
+  """Classifiers beside the embedding (multi-task heads): the garment's category and its attributes.
+
+  Call as `predictions = tasks(features, feature_map, train)`:
+    features: `[B, F]` pooled features (a backbone's, before the neck; a capsule network's embedding).
+    feature_map: `[B, h, w, F']` the backbone's last map, read by the feature relaxation module; None for
+      models without one (then `feature_relaxation` must be off).
+    Returns `{"category_logits": [B, num_categories], "attribute_logits": [B, num_attributes]}` float32, each
+    only when its head exists.
+
+  `feature_relaxation` puts the module of Park et al. (2019) between the backbone's map and the category
+  classifier: 1x1 conv -> ReLU -> dropout -> 1x1 conv, average-pooled, then the linear classifier, so that
+  the classification loss ("OS") shapes those layers and not directly the features the embedding ("IS") is
+  pooled from. The paper gives the order of the layers, not their sizes: we use `relaxation_features`
+  channels (default 512) and 1x1 kernels (docs/models.md).
+
+  References:
+    S. Park, M. Shin, S. Ham, S. Choe, Y. Kang. Study on Fashion Image Retrieval Methods for Efficient Fashion
+      Visual Search. CVPR Workshops 2019.
+  """
+  num_categories: int = 0  # 0: no category head.
+  num_attributes: int = 0  # 0: no attribute head.
+  feature_relaxation: bool = False
+  relaxation_features: int = 512
+  relaxation_dropout: float = 0.5
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    for field in ("num_categories", "num_attributes", "relaxation_features"):
+      if getattr(self, field) < 0:
+        raise ValueError(f"{field} must be >= 0; got {getattr(self, field)}.")
+    if self.feature_relaxation and not self.num_categories:
+      raise ValueError("feature_relaxation sits before the category classifier: set num_categories too.")
+    if not 0 <= self.relaxation_dropout < 1:
+      raise ValueError(f"relaxation_dropout must be in [0, 1); got {self.relaxation_dropout}.")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, features: jax.Array, feature_map: jax.Array | None = None,
+               train: bool = False) -> dict[str, jax.Array]:
+    features = features.astype(jnp.float32)
+    predictions = {}
+    if self.num_categories:
+      x = features
+      if self.feature_relaxation:
+        if feature_map is None:
+          raise ValueError("feature_relaxation needs a backbone feature map; this model has none.")
+        x = nn.Conv(self.relaxation_features, (1, 1), param_dtype=self.param_dtype,
+                    name="relaxation_conv1")(feature_map.astype(jnp.float32))
+        x = nn.relu(x)
+        x = nn.Dropout(self.relaxation_dropout, deterministic=not train)(x)
+        x = nn.Conv(self.relaxation_features, (1, 1), param_dtype=self.param_dtype, name="relaxation_conv2")(x)
+        x = average_pool(x)
+      predictions["category_logits"] = nn.Dense(self.num_categories, param_dtype=self.param_dtype,
+                                                name="category_classifier")(x)
+    if self.num_attributes:
+      predictions["attribute_logits"] = nn.Dense(self.num_attributes, param_dtype=self.param_dtype,
+                                                 name="attribute_classifier")(features)
+    return predictions
+
+
 class BackboneEmbedder(nn.Module):
   """A backbone followed by an `EmbeddingHead`, with the capsule networks' model contract.
 
@@ -151,10 +212,12 @@ class BackboneEmbedder(nn.Module):
         classification or multi-task heads);
       "feature_map": `[B, h, w, F]`, the backbone's last map (in `dtype`);
       "stages": dict of named intermediate maps (`[B, h_i, w_i, C_i]`, in `dtype`), e.g. ResNet's
-        layer1..layer4; see each backbone.
+        layer1..layer4; see each backbone;
+      and with `tasks`, its predictions ("category_logits", "attribute_logits", see `TaskHeads`).
   """
   backbone: nn.Module
   head: EmbeddingHead
+  tasks: TaskHeads | None = None  # Classifiers beside the embedding (parameters under "tasks").
 
   @property
   def embedding_dim(self) -> int:
@@ -171,4 +234,6 @@ class BackboneEmbedder(nn.Module):
     embedding, features = self.head(outputs["feature_map"], class_token=outputs.get("class_token"),
                                     train=train)
     aux = {"features": features, "feature_map": outputs["feature_map"], "stages": outputs["stages"]}
+    if self.tasks is not None:
+      aux.update(self.tasks(features, outputs["feature_map"], train=train))
     return embedding, aux
