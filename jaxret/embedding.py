@@ -71,6 +71,16 @@ def init_variables(model, config: ml_collections.ConfigDict, out_sharding=None) 
   return jax.jit(init, out_shardings=out_sharding)()
 
 
+def model_inputs(pixels: jax.Array, boxes: Mapping[str, jax.Array] | None, *, image_size: int,
+                 convention: input_conventions.InputConvention, box_margin: float) -> jax.Array:
+  """The model's evaluation inputs: each image (or its box, `boxes` `{"bbox", "has_bbox"}`) resized and
+  normalised (`augment.eval_images`)."""
+  if boxes is None:
+    return augment.eval_images(pixels, image_size, convention)
+  return augment.eval_images(pixels, image_size, convention, bbox=boxes["bbox"], has_bbox=boxes["has_bbox"],
+                             box_margin=box_margin)
+
+
 def embed_step(variables: Variables, pixels: jax.Array, category: jax.Array | None = None,
                boxes: Mapping[str, jax.Array] | None = None, *, model, image_size: int,
                convention: input_conventions.InputConvention = input_conventions.IMAGENET,
@@ -84,13 +94,38 @@ def embed_step(variables: Variables, pixels: jax.Array, category: jax.Array | No
   `boxes` `{"bbox": [B, 4], "has_bbox": [B]}`, when given, crops each image to its box grown by `box_margin`
   (`config.input.crop_to_box`); without it the whole image is embedded.
   """
-  if boxes is None:
-    images = augment.eval_images(pixels, image_size, convention)
-  else:
-    images = augment.eval_images(pixels, image_size, convention, bbox=boxes["bbox"], has_bbox=boxes["has_bbox"],
-                                 box_margin=box_margin)
+  images = model_inputs(pixels, boxes, image_size=image_size, convention=convention, box_margin=box_margin)
   embeddings, _ = model.apply(variables, images, train=False, category=category)
   return embeddings.astype(jnp.float32)
+
+
+# The predictions of a model's task heads (`models.heads.TaskHeads`) that evaluation scores.
+TASK_OUTPUTS = ("category_logits", "attribute_logits")
+
+
+def predict_step(variables: Variables, pixels: jax.Array, boxes: Mapping[str, jax.Array] | None = None, *, model,
+                 image_size: int, convention: input_conventions.InputConvention = input_conventions.IMAGENET,
+                 box_margin: float = 0.0) -> dict[str, jax.Array]:
+  """`[B, C, C, 3]` uint8 pixels to the model's task predictions (`TASK_OUTPUTS` it has, float32), inference
+  mode, on the images `embed_step` embeds."""
+  images = model_inputs(pixels, boxes, image_size=image_size, convention=convention, box_margin=box_margin)
+  _, aux = model.apply(variables, images, train=False)
+  return {key: aux[key].astype(jnp.float32) for key in TASK_OUTPUTS if key in aux}
+
+
+def has_task_heads(model) -> bool:
+  """Whether `model` carries task heads (`config.model.num_categories` / `num_attributes`)."""
+  return getattr(model, "tasks", None) is not None
+
+
+def jit_predict_step(model, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict):
+  """`predict_step` of the config's model, jitted over `mesh` like `jit_embed_step`: call it as
+  `predict(variables, pixels, boxes_or_None)`."""
+  data = sharding.data_sharding(mesh)
+  return jax.jit(functools.partial(predict_step, model=model, image_size=config.input.image_size,
+                                   convention=models.INPUT_CONVENTIONS[config.model.name],
+                                   box_margin=float(config.input.get("box_margin", 0.0))),
+                 in_shardings=(sharding.replicated(mesh), data, data), out_shardings=data)
 
 
 def embed_batches_on_device(embed, variables: Variables, batches: Iterable[dict[str, np.ndarray]],

@@ -89,6 +89,7 @@ class Evaluator:
                                        config.evals.ks)
     category = builder.info.features["category"]
     self.category_names = list(category.names) if hasattr(category, "names") else None
+    self._predict = embedding.jit_predict_step(model, mesh, config) if embedding.has_task_heads(model) else None
 
   def embed_split_on_device(self, variables: embedding.Variables, split: str) -> jax.Array:
     """`[N_padded, D]` embeddings of a split in record order, split over the devices; rows >= N are padding."""
@@ -97,6 +98,31 @@ class Evaluator:
         process_count=jax.process_count(), features=input_pipeline.box_features(self.config))
     return embedding.embed_batches_on_device(self._embed, variables, batches, self.mesh,
                                              desc=f"embedding {split}")
+
+  def task_metrics(self, variables: embedding.Variables, split: str = "query") -> dict[str, float]:
+    """The task heads' scores on a split: `task/category_accuracy` and `task/attribute_map` (mean average
+    precision over the attributes, `metrics.attribute_map`), for the heads the model has."""
+    data = sharding.data_sharding(self.mesh)
+    index = self.indexes[split]
+    outputs: dict[str, list[np.ndarray]] = {}
+    batches = input_pipeline.eval_batches(
+        self.splits[split], global_batch=self.config.evals.batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), features=input_pipeline.box_features(self.config))
+    for batch in batches:
+      images = jax.make_array_from_process_local_data(data, batch["image"])
+      boxes = ({key: jax.make_array_from_process_local_data(data, batch[key])
+                for key in input_pipeline.BOX_FEATURES} if "bbox" in batch else None)
+      for key, value in self._predict(variables, images, boxes).items():
+        outputs.setdefault(key, []).append(sharding.host_array(value))
+    found = {}
+    if "category_logits" in outputs:
+      predicted = np.argmax(np.concatenate(outputs["category_logits"])[:len(index)], axis=1)
+      found["task/category_accuracy"] = float(np.mean(predicted == index.categories))
+    if "attribute_logits" in outputs and "attributes" in index.features:
+      scores = np.concatenate(outputs["attribute_logits"])[:len(index)]
+      has = index.features.get("has_attributes", np.ones(len(index), bool))
+      found["task/attribute_map"] = metrics.attribute_map(scores, index.features["attributes"], has)
+    return found
 
   def _reranked(self, queries: jax.Array, padded_gallery: jax.Array) -> dict[str, float]:
     """The metrics after `config.evals.rerank`, as `rerank/<metric>` (one device: the gallery is gathered)."""
@@ -119,7 +145,8 @@ class Evaluator:
     Returns:
       `(recalls, embeddings, spread, more)`: Recall@K by K; the padded query and gallery embeddings (device
       arrays); `embedding_spread` of the queries (below `COLLAPSED_SPREAD` the embedding has collapsed);
-      `{"map@r", "r_precision", "precision@K", "category/<name>/recall@1"}` (docs/evaluation.md).
+      `{"map@r", "r_precision", "precision@K", "category/<name>/recall@1"}`, and for models with task heads
+      `task/category_accuracy`, `task/attribute_map` on the queries (docs/evaluation.md).
     """
     embeddings = {split: self.embed_split_on_device(variables, split) for split in SPLITS}
     queries = self._real_queries(embeddings["query"])
@@ -138,6 +165,8 @@ class Evaluator:
                  if key.startswith("recall@1/")})
     if self.config.evals.get("rerank", "none") != "none":
       more.update(self._reranked(queries, embeddings["gallery"]))
+    if self._predict is not None:
+      more.update(self.task_metrics(variables))
     if self.config.evals.metric == "cosine":  # Only directions matter: a collapse is one direction for all.
       queries = queries / (jnp.linalg.norm(queries, axis=1, keepdims=True) + 1e-12)
     return recalls, embeddings, float(np.asarray(embedding_spread(queries).addressable_data(0))), more

@@ -683,3 +683,33 @@ def recall_from_ranks(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
   """
   ranks = np.asarray(ranks)
   return {int(k): float(np.mean(ranks < int(k))) for k in ks}
+
+
+def attribute_map(scores: np.ndarray, labels: np.ndarray, has_labels: np.ndarray | None = None) -> float:
+  """Mean over attributes of the average precision of ranking the images by each attribute's score.
+
+  Args:
+    scores: `[N, A]` attribute scores (logits).
+    labels: `[N, A]` labels in {1 has it, -1 has not, 0 unknown}; unknown labels are left out.
+    has_labels: `[N]` bool; rows without annotations are left out (default: all annotated).
+
+  Returns:
+    The mean AP over attributes with at least one known positive and one known negative (NaN if none).
+    AP is the mean over positives of the precision at the positive's rank (ties in the order of the rows).
+  """
+  scores = np.asarray(scores, np.float64)
+  labels = np.asarray(labels)
+  known = labels != 0
+  if has_labels is not None:
+    known &= np.asarray(has_labels, bool)[:, None]
+  aps = []
+  for j in range(scores.shape[1]):
+    rows = np.flatnonzero(known[:, j])
+    positive = labels[rows, j] > 0
+    if not positive.any() or positive.all():
+      continue
+    order = np.argsort(-scores[rows, j], kind="stable")
+    hits = positive[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    aps.append(float(np.sum(precision[hits]) / hits.sum()))
+  return float(np.mean(aps)) if aps else float("nan")

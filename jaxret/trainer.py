@@ -235,6 +235,27 @@ def batch_feature_needs(config: ml_collections.ConfigDict, model,
   return needs
 
 
+def check_task_heads(model, index: decoded_cache.SplitIndex, num_categories: int, dataset: str) -> None:
+  """Raises ValueError when the model's task heads do not match the dataset's categories or attributes."""
+  tasks = getattr(model, "tasks", None)
+  if tasks is None:
+    return
+  problems = []
+  if tasks.num_categories and tasks.num_categories != num_categories:
+    problems.append(f"config.model.num_categories={tasks.num_categories}, but {dataset} has {num_categories} "
+                    f"categories; set it to {num_categories}.")
+  if tasks.num_attributes:
+    attributes = index.features.get("attributes")
+    if attributes is None or attributes.ndim != 2:
+      problems.append(f"config.model.num_attributes={tasks.num_attributes}, but {dataset} has no attributes; "
+                      "set it to 0.")
+    elif attributes.shape[1] != tasks.num_attributes:
+      problems.append(f"config.model.num_attributes={tasks.num_attributes}, but {dataset} has "
+                      f"{attributes.shape[1]} attributes; set it to {attributes.shape[1]}.")
+  if problems:
+    raise run_config.ConfigError("\n".join(problems))
+
+
 def check_batch_features(index: decoded_cache.SplitIndex, needs: Mapping[str, str], dataset: str) -> None:
   """Raises `input_pipeline.MissingFeatureError` naming each needed feature the dataset does not have."""
   missing = [f"{name!r} (for {who})" for name, who in needs.items()
@@ -407,6 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_batch_features(train_index, feature_needs, config.input.dataset)
   tx = make_optimizer(config, objective, steps_per_epoch=max(1, len(training_index) // config.input.batch_size))
   context = loss_context(config, model, builder, training_index)
+  check_task_heads(model, train_index, context.num_categories, config.input.dataset)
   state = create_state(config, model, tx, objective, context, replicated)
   if is_chief:
     print(f"Model {config.model.name}: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters; "
