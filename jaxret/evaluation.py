@@ -23,7 +23,9 @@ import ml_collections
 import numpy as np
 
 from jaxret import decoded_cache
+from jaxret import detections as detections_file
 from jaxret import embedding
+from jaxret import garment_evaluation
 from jaxret import input_pipeline
 from jaxret import metrics
 from jaxret import rerank
@@ -61,11 +63,18 @@ class Evaluator:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, builder, model, mesh: jax.sharding.Mesh,
-               splits: Mapping[str, decoded_cache.DecodedSplit] | None = None, *, test_split: bool = True):
+               splits: Mapping[str, decoded_cache.DecodedSplit] | None = None, *, test_split: bool = True,
+               detections: str | None = None):
     """Args: the run's config, its dataset's builder, the model, the data mesh, the decoded query and gallery
-    splits (opened, and built on first use, from the config when not given), and whether they are the
+    splits (opened, and built on first use, from the config when not given), whether they are the
     dataset's query and gallery (False for e.g. the validation split of `jaxret.validation`): only then are
-    their JPEG `sources` opened, for pictures."""
+    their JPEG `sources` opened, for pictures; and a detections file (`--detections`) whose boxes are
+    searched as well (DeepFashion2's metric with detections, `jaxret.garment_evaluation`).
+
+    Raises:
+      detections.DetectionsFileError: the detections file is unreadable, malformed, or names no photo of the
+        query or gallery split.
+    """
     self.config = config
     self.mesh = mesh
     self.sources = {split: input_pipeline.read_split(builder, split) for split in SPLITS} if test_split else None
@@ -90,6 +99,23 @@ class Evaluator:
     category = builder.info.features["category"]
     self.category_names = list(category.names) if hasattr(category, "names") else None
     self._predict = embedding.jit_predict_step(model, mesh, config) if embedding.has_task_heads(model) else None
+    self.deepfashion2 = garment_evaluation.logs_metric(config) and "bbox" in self.indexes["query"].features
+    self.detection_crops = None
+    if detections:
+      self.detection_crops = self._load_detections(detections, num_categories=getattr(category, "num_classes", None))
+
+  def _load_detections(self, path: str, num_categories: int | None
+                       ) -> dict[str, garment_evaluation.DetectionCrops | None]:
+    names = {split: set(np.asarray(self.indexes[split].image_names).astype(str)) for split in SPLITS}
+    found = detections_file.load_detections(path, num_categories=num_categories,
+                                            image_names=names["query"] | names["gallery"])
+    sources = self.sources or {split: None for split in SPLITS}
+    crops = {split: (garment_evaluation.DetectionCrops(found, self.indexes[split], sources[split])
+                     if names[split] & set(found.image_names) else None) for split in SPLITS}
+    if not any(crops.values()):
+      raise detections_file.DetectionsFileError(
+          f"{path} names no photo of the query or gallery split; use the dataset's image_name values as keys.")
+    return crops
 
   def embed_split_on_device(self, variables: embedding.Variables, split: str) -> jax.Array:
     """`[N_padded, D]` embeddings of a split in record order, split over the devices; rows >= N are padding."""
@@ -98,6 +124,25 @@ class Evaluator:
         process_count=jax.process_count(), features=input_pipeline.box_features(self.config))
     return embedding.embed_batches_on_device(self._embed, variables, batches, self.mesh,
                                              desc=f"embedding {split}")
+
+  def _detection_accuracy(self, variables: embedding.Variables, queries: np.ndarray,
+                          gallery: np.ndarray) -> dict[str, float]:
+    """`df2_detections/top@k`: the detected garments embedded and searched (see `garment_evaluation`)."""
+    searched = {"query": queries, "gallery": gallery}
+    for split, crops in self.detection_crops.items():
+      if crops is not None and len(crops):
+        batches = crops.batches(self.splits[split].images, global_batch=self.config.evals.batch_size,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+        embedded = embedding.embed_batches_on_device(self._embed, variables, batches, self.mesh,
+                                                     desc=f"embedding {split} detections")
+        searched[split] = sharding.host_array(embedded)[:len(crops)]
+      elif crops is not None:
+        searched[split] = np.zeros((0, queries.shape[1]), np.float32)
+    rankings = garment_evaluation.nearest_gallery(searched["query"], searched["gallery"],
+                                                  metric=self.config.evals.metric)
+    return garment_evaluation.accuracy_with_detections(rankings, self.detection_crops["query"],
+                                                       self.detection_crops["gallery"], self.indexes["query"],
+                                                       self.indexes["gallery"])
 
   def task_metrics(self, variables: embedding.Variables, split: str = "query") -> dict[str, float]:
     """The task heads' scores on a split: `task/category_accuracy` and `task/attribute_map` (mean average
@@ -167,6 +212,14 @@ class Evaluator:
       more.update(self._reranked(queries, embeddings["gallery"]))
     if self._predict is not None:
       more.update(self.task_metrics(variables))
+    if self.deepfashion2 or self.detection_crops:
+      gallery = sharding.host_array(embeddings["gallery"])[:len(self.indexes["gallery"])]
+      real_queries = sharding.host_array(queries)
+      if self.deepfashion2:
+        more.update(garment_evaluation.accuracy_ground_truth(
+            real_queries, gallery, self.indexes["query"], self.indexes["gallery"], metric=self.config.evals.metric))
+      if self.detection_crops:
+        more.update(self._detection_accuracy(variables, real_queries, gallery))
     if self.config.evals.metric == "cosine":  # Only directions matter: a collapse is one direction for all.
       queries = queries / (jnp.linalg.norm(queries, axis=1, keepdims=True) + 1e-12)
     return recalls, embeddings, float(np.asarray(embedding_spread(queries).addressable_data(0))), more
@@ -181,7 +234,7 @@ def recall_table(recalls: Mapping[int, float], name: str) -> str:
   return "\n".join([header, rule, row])
 
 
-def evaluate_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, detections: str | None = None) -> dict[str, Any]:
   """Evaluates the latest checkpoint of the run in `workdir` under `config`, without training.
 
   `config` must be the run's own config but for fields that change only the evaluation: those of
@@ -193,6 +246,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   Args:
     config: the run's config with the evaluation changed.
     workdir: the run's folder.
+    detections: a detections file whose garments are searched too (`df2_detections/top@k`).
 
   Returns:
     `{"step", "model.embedding", "evals.metric", "recall@K", ..., "embedding_spread"}`, also appended as one
@@ -217,7 +271,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   model = embedding.model_from_config(config)
   step, variables = embedding.restore_variables(workdir, config, model, mesh)
   builder = input_pipeline.get_builder(config.input.dataset, config.data_dir)
-  recalls, _, spread, more = Evaluator(config, builder, model, mesh)(variables)
+  recalls, _, spread, more = Evaluator(config, builder, model, mesh, detections=detections)(variables)
   row = {"step": step, "model.embedding": config.model.embedding, "evals.metric": config.evals.metric,
          **{f"recall@{k}": v for k, v in recalls.items()}, **more,
          "embedding_spread": spread if math.isfinite(spread) else None}

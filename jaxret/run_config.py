@@ -184,7 +184,9 @@ def parse_arg(arg: str | None) -> set[str]:
 
 def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
   """Shrinks any config in place to a run of seconds: tiny model, tiny data, a few steps."""
-  if config.input.dataset.startswith("synthetic_inshop"):
+  if config.input.dataset.startswith("synthetic_inshop/c2s"):  # Keeps consumer-to-shop photos.
+    config.input.dataset = "synthetic_inshop/c2s_tiny"
+  elif config.input.dataset.startswith("synthetic_inshop"):
     config.input.dataset = "synthetic_inshop/tiny"
   config.input.image_size = 32
   config.input.batch_size = 16

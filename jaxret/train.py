@@ -13,6 +13,7 @@ import jax
 from ml_collections import config_flags
 
 from jaxret import checkpointing
+from jaxret import detections
 from jaxret import distributed
 from jaxret import embedding
 from jaxret import evaluation
@@ -39,6 +40,10 @@ _EVAL_ONLY = flags.DEFINE_bool(
     "with --config.model.embedding=label_leaky_eval (the capsule papers' protocol) for a run trained with "
     "embedding=label; the config may differ from the run's only in evaluation fields. Appends the result to "
     "WORKDIR/eval_only.jsonl.")
+_DETECTIONS = flags.DEFINE_string(
+    "detections", None, "A detections file (JSON of boxes with scores per image, jaxret/detections.py; "
+    "docs/deepfashion.md): evaluation also searches with the detected garments of the query (and gallery) "
+    "photos and logs DeepFashion2's metric on them as df2_detections/top@k.")
 
 
 def initialize_distributed() -> None:
@@ -53,7 +58,8 @@ def initialize_distributed() -> None:
 
 # Problems a user can fix: the message, not a traceback.
 USER_ERRORS = (run_config.ConfigError, input_pipeline.DatasetNotPreparedError, workdir.WorkdirError,
-               checkpointing.CheckpointError, trainer.NonFiniteError, embedding.RunError)
+               checkpointing.CheckpointError, trainer.NonFiniteError, embedding.RunError,
+               input_pipeline.MissingFeatureError, detections.DetectionsFileError)
 
 
 def _last_line(text: str) -> str:
@@ -92,13 +98,19 @@ def main(argv):
   initialize_distributed()
   try:
     if _EVAL_ONLY.value:
-      result = evaluation.evaluate_run(config, _WORKDIR.value)
+      result = evaluation.evaluate_run(config, _WORKDIR.value, detections=_DETECTIONS.value)
       if jax.process_index() == 0:
         recalls = {int(key[len("recall@"):]): value for key, value in result.items() if key.startswith("recall@")}
         print(evaluation.recall_table(recalls, f"{config.model.name} (embedding {config.model.embedding}, "
                                                f"step {result['step']}, evaluation only)"))
+        for prefix in ("df2", "df2_detections"):
+          accuracy = {key: v for key, v in result.items() if key.startswith(f"{prefix}/top@")}
+          if accuracy:
+            print(f"DeepFashion2 top-k accuracy ({'detections' if '_' in prefix else 'ground-truth boxes'}): "
+                  + ", ".join(f"{key.split('/')[1]} {100 * v:.1f}" for key, v in accuracy.items()))
     else:
-      train_and_evaluate(config, _WORKDIR.value, extend_total_steps=_EXTEND_TOTAL_STEPS.value)
+      train_and_evaluate(config, _WORKDIR.value, extend_total_steps=_EXTEND_TOTAL_STEPS.value,
+                         detections=_DETECTIONS.value)
   except USER_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
   except Exception as e:  # Any failure of a multi-process run: first say which process is gone, then the trace.

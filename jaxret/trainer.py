@@ -347,8 +347,8 @@ def _first_non_finite(pending: list[tuple[int, dict[str, jax.Array]]]) -> tuple[
   return None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       extend_total_steps: bool = False) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, extend_total_steps: bool = False,
+                       detections: str | None = None) -> dict[str, float]:
   """Trains (or resumes) the configured model in `workdir` and evaluates it.
 
   Args:
@@ -356,6 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: the run's folder; rerunning on it resumes the run stored there (a config that would change that
       run is refused, see `jaxret.workdir`).
     extend_total_steps: accept a larger `config.total_steps` than the stored run's (the schedule stretches).
+    detections: a detections file (`--detections`) whose garments every evaluation also searches.
 
   Returns:
     The last evaluation: `{"recall@K": value, ..., "loss": last training loss}`.
@@ -456,7 +457,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       validation.record_split(splits["train"], training_records, source=train_source,
                               size=input_pipeline.cache_size(config)),
       sampler.class_indices[training_records], steps_per_epoch=sampler.steps_per_epoch)
-  evaluator = evaluation.Evaluator(config, builder, model, mesh, {split: splits[split] for split in evaluation.SPLITS})
+  evaluator = evaluation.Evaluator(config, builder, model, mesh, {split: splits[split] for split in evaluation.SPLITS},
+                                   detections=detections)
   validator = None
   if held_out is not None:
     validator = evaluation.Evaluator(
