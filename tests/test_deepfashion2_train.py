@@ -14,7 +14,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from jaxret import decoded_cache
 from jaxret import evaluation
+from jaxret import garment_evaluation
 from jaxret import input_pipeline
 from jaxret import trainer
 
@@ -92,3 +94,32 @@ def test_a_bad_detections_file_is_refused_by_the_command_line(trained, tmp_path)
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert completed.returncode != 0
   assert "error:" in completed.stderr and "no/such/image.jpg" in completed.stderr, completed.stderr
+
+
+def test_nearest_gallery_matches_a_sort_and_pads_a_small_gallery():
+  rng = np.random.default_rng(0)
+  queries, gallery = rng.normal(size=(7, 5)), rng.normal(size=(30, 5))
+  got = garment_evaluation.nearest_gallery(queries, gallery, metric="euclidean", chunk=4)
+  distances = ((queries[:, None] - gallery[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(got, np.argsort(distances, axis=1, kind="stable")[:, :20])
+  small = garment_evaluation.nearest_gallery(queries, gallery[:3], metric="cosine")
+  assert small.shape == (7, 20) and (small[:, 3:] == -1).all() and set(small[0, :3]) == {0, 1, 2}
+
+
+def test_ground_truth_reads_deepfashion2_fields_or_falls_back_to_products():
+  bbox = np.array([[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0], [0.3, 0.3, 0.4, 0.4]], np.float32)
+  df2 = decoded_cache.index_from_labels({
+      "item_id": np.array([5, 6, 7]), "category": np.array([0, 1, 2]),
+      "image_name": np.array(["b.jpg", "a.jpg", "b.jpg"]), "bbox": bbox,
+      "style": np.array([1, 0, 2]), "pair_id": np.array([9, 9, 4])})
+  truth = garment_evaluation.ground_truth(df2)
+  np.testing.assert_allclose(truth.boxes[0], [0.2, 0.1, 0.6, 0.5])  # (x1, y1, x2, y2)
+  np.testing.assert_array_equal(truth.image_ids, [1, 0, 1])  # garments of one photo share it
+  np.testing.assert_array_equal(truth.styles, [1, 0, 2])
+  np.testing.assert_array_equal(truth.pair_ids, [9, 9, 4])
+  inshop = decoded_cache.index_from_labels({
+      "item_id": np.array([5, 6, 7]), "category": np.array([0, 1, 2]),
+      "image_name": np.array(["x", "y", "z"]), "bbox": bbox})
+  truth = garment_evaluation.ground_truth(inshop)
+  np.testing.assert_array_equal(truth.styles, [1, 1, 1])
+  np.testing.assert_array_equal(truth.pair_ids, [5, 6, 7])
