@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.input.images_per_product = 4  # K; P = batch_size // K (pk), batch_size // (C * K) (category_balanced).
   config.input.sampler = "pk"  # pk: P products x K images; category_balanced: C categories x P products x K.
   config.input.categories_per_batch = 2  # C of the category_balanced sampler (unused by pk).
+  config.input.classes_per_anchor = 2  # m of htl_anchor_neighbour: each anchor class and its m - 1 nearest.
   config.input.num_threads = 4  # Threads decoding image files for the catalogue (jaxret.index, jaxret.search).
   config.input.crop_scale = (0.6, 1.0)  # Area fraction of the random resized crop (done on the device).
   config.input.color_jitter = 0.2  # Relative strength of brightness and contrast jitter.
@@ -264,6 +265,16 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     elif k >= 1 and batch % (c * k):
       problems.append(f"config.input.batch_size={batch} is not divisible by config.input.categories_per_batch={c} "
                       f"x config.input.images_per_product={k} (C categories x P products x K images).")
+  elif config.input.sampler == "htl_anchor_neighbour":
+    m = config.input.get("classes_per_anchor", 2)
+    if "htl" not in [name.strip() for name in config.loss.name.split("+")]:
+      problems.append("config.input.sampler='htl_anchor_neighbour' draws batches from the HTL loss's class tree; "
+                      f"config.loss.name={config.loss.name!r} has no htl term.")
+    if not isinstance(m, int) or m < 1:
+      problems.append(f"config.input.classes_per_anchor={m!r} must be a positive integer.")
+    elif k >= 1 and batch % (m * k):
+      problems.append(f"config.input.batch_size={batch} is not divisible by config.input.classes_per_anchor={m} "
+                      f"x config.input.images_per_product={k} (anchors x classes per anchor x images).")
   if config.optim.schedule not in SCHEDULES:
     problems.append(f"config.optim.schedule={config.optim.schedule!r} must be one of {list(SCHEDULES)}.")
   elif config.optim.schedule == "exponential_per_epoch" and not 0 < config.optim.decay_per_epoch <= 1:

@@ -16,7 +16,9 @@ import numpy as np
 
 from jaxret import run_config
 
-SAMPLERS = ("pk", "category_balanced")
+# htl_anchor_neighbour: P x K batches until the HTL loss has built its class tree, then HTL's anchor-neighbour
+# batches from the current tree (`jaxret.samplers_htl`; the trainer switches after every rebuild).
+SAMPLERS = ("pk", "category_balanced", "htl_anchor_neighbour")
 
 
 def draw_images(seed: int, step: int, product: int, first: int, count: int, images_per_product: int,
@@ -187,6 +189,6 @@ def sampler_from_config(input_config, item_ids: np.ndarray, categories: np.ndarr
   if input_config.sampler == "category_balanced":
     c = input_config.categories_per_batch
     return CategoryBalancedSampler(item_ids, categories, c, input_config.batch_size // (c * k), k, seed)
-  if input_config.sampler == "pk":
+  if input_config.sampler in ("pk", "htl_anchor_neighbour"):  # HTL's first batches are P x K (no tree yet).
     return PKSampler(item_ids, input_config.batch_size // k, k, seed)
   raise run_config.ConfigError(f"config.input.sampler={input_config.sampler!r} must be one of {list(SAMPLERS)}.")

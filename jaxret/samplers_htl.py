@@ -14,6 +14,7 @@ import functools
 import numpy as np
 
 from jaxret import run_config
+from jaxret.losses import htl
 
 
 # eq=False keeps identity hashing, which the per-step caches below need (the fields hold arrays).
@@ -30,6 +31,7 @@ class AnchorNeighbourSampler:
     classes_per_anchor: m (the anchor and its m - 1 neighbours).
     images_per_class: t.
     seed: the run's data seed.
+    item_ids: `[N]` product id of every record, or None (read by `validation.SubsetSampler` only).
   """
   class_index: np.ndarray
   nearest_classes: np.ndarray
@@ -37,6 +39,12 @@ class AnchorNeighbourSampler:
   classes_per_anchor: int
   images_per_class: int
   seed: int
+  item_ids: np.ndarray | None = None
+
+  @property
+  def class_indices(self) -> np.ndarray:
+    """`[N]` int32 class of every record, as `PKSampler.class_indices` (the input pipeline's `class_index`)."""
+    return np.asarray(self.class_index, np.int32)
 
   def __post_init__(self):
     class_index = np.asarray(self.class_index)
@@ -118,3 +126,23 @@ class AnchorNeighbourSampler:
       picks = rng.choice(count, self.images_per_class, replace=count < self.images_per_class)
       records.append(self._records_by_class[self._starts[cls] + picks])
     return np.concatenate(records)
+
+
+def tree_is_built(tree) -> bool:
+  """Whether HTL's class tree has been built (`htl.empty_tree` has no class with images)."""
+  return bool(np.asarray(tree["class_counts"]).sum() > 0)
+
+
+def sampler_from_tree(pk_sampler, tree, *, batch_size: int, classes_per_anchor: int) -> AnchorNeighbourSampler:
+  """HTL's anchor-neighbour sampler over the records and classes of `pk_sampler` (a `PKSampler`, whose
+  `class_indices` the tree was built with), with `config.input.batch_size` and `classes_per_anchor` (m); t is
+  the P x K sampler's K. The nearest classes come from the current `tree` (HTL's loss parameters)."""
+  images_per_class = pk_sampler.images_per_product
+  num_classes = int(np.asarray(tree["class_counts"]).shape[0])
+  neighbours = min(num_classes - 1, max(4 * (classes_per_anchor - 1), 1))
+  nearest = np.asarray(htl.nearest_classes(tree, neighbours))
+  return AnchorNeighbourSampler(
+      class_index=pk_sampler.class_indices, nearest_classes=nearest,
+      anchors_per_batch=batch_size // (classes_per_anchor * images_per_class),
+      classes_per_anchor=classes_per_anchor, images_per_class=images_per_class, seed=pk_sampler.seed,
+      item_ids=pk_sampler.item_ids)

@@ -45,6 +45,7 @@ from jaxret import models
 from jaxret import pictures
 from jaxret import run_config
 from jaxret import samplers
+from jaxret import samplers_htl
 from jaxret import sharding
 from jaxret import validation
 from jaxret import workdir as run_dir
@@ -497,9 +498,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, exten
     if is_chief:
       print(f"Untrained network: R@1 = {100 * recalls[min(recalls)]:.1f}%")
 
-  batches = input_pipeline.train_batches_from_config(
-      config, mode, splits["train"], sampler, mesh, first_step=start_step,
-      source=train_source, features=tuple(feature_needs))
+  # HTL's anchor-neighbour batches come from the current class tree: the sampler changes after each rebuild
+  # (and a resumed run starts from the tree of its checkpoint), and the batches are made again from there.
+  htl_sampling = config.input.sampler == "htl_anchor_neighbour"
+  pk_sampler = sampler.inner if held_out is not None else sampler
+  htl_every = objective.rebuild_intervals(sampler.steps_per_epoch).get("htl") if htl_sampling else None
+
+  def sampler_of(tree):
+    if tree is None or not samplers_htl.tree_is_built(tree):
+      return sampler
+    inner = samplers_htl.sampler_from_tree(pk_sampler, jax.device_get(tree), batch_size=config.input.batch_size,
+                                           classes_per_anchor=config.input.classes_per_anchor)
+    return inner if held_out is None else validation.SubsetSampler(inner, held_out.train_records,
+                                                                   train_index.item_ids)
+
+  def train_batches(first_step: int, tree=None):
+    return input_pipeline.train_batches_from_config(
+        config, mode, splits["train"], sampler_of(tree), mesh, first_step=first_step, source=train_source,
+        features=tuple(feature_needs))
+
+  batches = train_batches(start_step, state.loss_params.get("htl") if htl_sampling else None)
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step",
                        disable=not is_chief, dynamic_ncols=True)
   recalls, embeddings = None, None
@@ -538,6 +556,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, exten
           window_start, window_cpu, window_steps = time.perf_counter(), host_cpu_seconds(), 0
         if rebuild_loss_params is not None:
           state = rebuild_loss_params(state, step)  # Before the save: the checkpoint of `step` holds the result.
+          if htl_every and step % htl_every == 0 and step < config.total_steps:
+            batches.close()
+            batches = train_batches(step, state.loss_params["htl"])
+            window_start, window_cpu, window_steps = time.perf_counter(), host_cpu_seconds(), 0
         log_now = step % config.log_every == 0 or step == config.total_steps
         save_now = step % config.checkpoint_every == 0 or step == config.total_steps
         # In a multi-process run the processes agree on a stop at log steps (a collective), or through JAX's

@@ -34,6 +34,7 @@ ADDED_FIELDS = {
     "input.validation_products": 0,
     "input.sampler": "pk",
     "input.categories_per_batch": 2,
+    "input.classes_per_anchor": 2,
     "input.cache_size": None,
     "input.crop_to_box": False,
     "model.num_categories": None,

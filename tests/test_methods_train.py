@@ -12,6 +12,8 @@ import pytest
 from jaxret import embedding
 from jaxret import experiments
 from jaxret import input_pipeline
+from jaxret import samplers
+from jaxret import samplers_htl
 from jaxret import trainer
 from jaxret import validation
 from jaxret.losses import htl
@@ -72,11 +74,32 @@ def htl_tree(workdir, step):
   return {key: np.asarray(value) for key, value in restored["loss_params"]["htl"].items()}
 
 
-def test_htl_tree_is_rebuilt_saved_and_restored(tmp_path, data_dir):
+def test_htl_tree_is_rebuilt_saved_and_restored_and_feeds_the_anchor_neighbour_sampler(tmp_path, data_dir,
+                                                                                       monkeypatch):
   config = smoke_config("htl", data_dir, **{"loss.htl.rebuild_every": 2, "total_steps": 6, "log_every": 2,
-                                            "eval_every": 6, "checkpoint_every": 2})
+                                            "eval_every": 6, "checkpoint_every": 2,
+                                            "input.sampler": "htl_anchor_neighbour"})
+  samplers_used = []  # (first step, sampler) of every batch stream the trainer opens.
+  original = input_pipeline.train_batches_from_config
+
+  def recording(config, mode, split, sampler, mesh, *, first_step, **kwargs):
+    samplers_used.append((first_step, sampler))
+    return original(config, mode, split, sampler, mesh, first_step=first_step, **kwargs)
+
+  monkeypatch.setattr(input_pipeline, "train_batches_from_config", recording)
   reference = tmp_path / "reference"
   trainer.train_and_evaluate(config, str(reference))
+  # P x K until the first tree (step 2), then anchor-neighbour batches from each new tree (steps 2 and 4).
+  assert [step for step, _ in samplers_used] == [0, 2, 4]
+  assert isinstance(samplers_used[0][1].inner, samplers.PKSampler)
+  for step, used in samplers_used[1:]:
+    inner = used.inner  # Validation products are held out: the sampler draws from the other records.
+    assert isinstance(inner, samplers_htl.AnchorNeighbourSampler)
+    want = np.asarray(htl.nearest_classes(htl_tree(reference, step), inner.nearest_classes.shape[1]))
+    np.testing.assert_array_equal(inner.nearest_classes, want)
+    classes = inner.batch_classes(step)
+    assert classes.shape == (2, 2) and len(set(classes.reshape(-1).tolist())) == 4
+    assert len(used.batch_records(step)) == config.input.batch_size
 
   # The tree of step 2's checkpoint is htl.rebuild of the step-2 model's embeddings of the training records.
   tree = htl_tree(reference, 2)
@@ -99,7 +122,10 @@ def test_htl_tree_is_rebuilt_saved_and_restored(tmp_path, data_dir):
   resumed = tmp_path / "resumed"
   shutil.copytree(reference, resumed)
   shutil.rmtree(resumed / "checkpoints" / "6")
+  samplers_used.clear()
   trainer.train_and_evaluate(config, str(resumed))
+  assert [step for step, _ in samplers_used] == [4]  # Resumed from step 4's tree.
+  assert read_metrics(resumed)[-2]["loss"] == pytest.approx(read_metrics(reference)[-2]["loss"], rel=1e-5)
   for key, value in htl_tree(reference, 6).items():
     np.testing.assert_allclose(htl_tree(resumed, 6)[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
   assert read_metrics(resumed)[-1]["recall@1"] == pytest.approx(read_metrics(reference)[-1]["recall@1"])
