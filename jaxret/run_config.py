@@ -35,7 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.input.image_size = 64  # Images are resized (and, in training, randomly cropped) to this square.
   config.input.batch_size = 32  # Global batch: P products x K images, split over all devices.
   config.input.images_per_product = 4  # K; P = batch_size // K (pk), batch_size // (C * K) (category_balanced).
-  config.input.sampler = "pk"  # pk: P products x K images; category_balanced: C categories x P products x K.
+  # pk: P products x K images; category_balanced: C categories x P products x K; htl_anchor_neighbour: HTL's
+  # anchor classes and their nearest classes in its tree (docs/losses.md).
+  config.input.sampler = "pk"
   config.input.categories_per_batch = 2  # C of the category_balanced sampler (unused by pk).
   config.input.classes_per_anchor = 2  # m of htl_anchor_neighbour: each anchor class and its m - 1 nearest.
   config.input.num_threads = 4  # Threads decoding image files for the catalogue (jaxret.index, jaxret.search).
