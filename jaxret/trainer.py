@@ -237,7 +237,8 @@ def batch_feature_needs(config: ml_collections.ConfigDict, model,
 
 
 def check_task_heads(model, index: decoded_cache.SplitIndex, num_categories: int, dataset: str) -> None:
-  """Raises ValueError when the model's task heads do not match the dataset's categories or attributes."""
+  """Raises `run_config.ConfigError` when the model's task heads do not match the dataset's categories or
+  attributes, with the value to set."""
   tasks = getattr(model, "tasks", None)
   if tasks is None:
     return
