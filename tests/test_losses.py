@@ -500,7 +500,7 @@ def test_bfloat16_embeddings_give_float32():
 def test_get_loss():
   assert set(losses.LOSSES) == {"triplet", "quadruplet", "category_quadruplet", "contrastive",
                                 "multi_similarity", "proxy_anchor", "htl", "bier", "a_bier", "hdc", "abe",
-                                "grid", "capsule_margin"}
+                                "grid", "capsule_margin", "category", "attributes"}
   x, labels = pk_batch(1, 3, 3, 4)
   loss = losses.get_loss("triplet")
   options = loss.options_from({"margin": 0.2, "mining": "batch_all"})
