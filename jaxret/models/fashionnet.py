@@ -2,8 +2,8 @@
 
   backbone (VGG-16)  images [B, H, W, 3] -> conv4_3 [B, H/8, W/8, 512], conv5_3 + pool5 [B, H/32, W/32, 512]
   global branch      conv5 -> max-pooled [B, 512] -> fc (global_features) -> ReLU
-  landmark branch    conv5 pooled -> fc (pose_features) -> ReLU -> locations [B, L, 2] (x, y fractions)
-                                                                  -> visibility logits [B, L, V]
+  landmark branch    conv5 flattened -> fc (pose_features) -> ReLU -> locations [B, L, 2] (x, y fractions)
+                                                                     -> visibility logits [B, L, V]
   local branch       conv4_3 max-pooled around each landmark, zero where invisible (`landmark_pooling`)
                      [B, L, 512] -> flattened -> fc (local_features) -> ReLU
   fusion             [global, local] -> fc (fusion_features) -> ReLU = "features" (category, attributes)
@@ -76,7 +76,9 @@ class FashionNetHead(nn.Module):
     pooled5 = max_pool(conv5.astype(jnp.float32))
     global_features = nn.relu(self._dense(self.global_features, "global_fc")(pooled5))
 
-    pose = nn.relu(self._dense(self.pose_features, "pose_fc")(pooled5))
+    # Where the landmarks are is in the map's layout, which pooling would discard: the pose branch reads conv5
+    # flattened (as VGG's fc6 reads pool5), so its size fixes the input size (the config's image_size).
+    pose = nn.relu(self._dense(self.pose_features, "pose_fc")(conv5.reshape(batch, -1).astype(jnp.float32)))
     # Offsets from the image centre, so that a fresh branch predicts landmarks inside the image.
     locations = 0.5 + self._dense(self.num_landmarks * 2, "location")(pose).astype(jnp.float32)
     locations = locations.reshape(batch, self.num_landmarks, 2)
