@@ -301,7 +301,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     problems.append(f"config.optim.head_lr_multiplier={head_lr_multiplier!r} must be a number >= 0.")
   if not isinstance(head_only_steps, int) or head_only_steps < 0:
     problems.append(f"config.optim.head_only_steps={head_only_steps!r} must be a whole number >= 0.")
-  if (head_lr_multiplier != 1 or head_only_steps) and config.model.name not in models.BACKBONE_NAMES:
+  if (head_lr_multiplier != 1 or head_only_steps) and config.model.name not in models.BACKBONE_NAMES \
+      and config.model.name not in models.WEIGHTS_BACKBONE:
     problems.append(f"config.optim.head_lr_multiplier / head_only_steps apply to the backbone models (a "
                     f"backbone and an embedding head), not to {config.model.name}; leave them at 1.0 and 0.")
   if config.evals.metric not in metrics.METRICS:

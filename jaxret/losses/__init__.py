@@ -14,6 +14,7 @@ from jaxret.losses import contrastive
 from jaxret.losses import grid
 from jaxret.losses import hdc
 from jaxret.losses import htl
+from jaxret.losses import landmarks
 from jaxret.losses import multi_similarity
 from jaxret.losses import objective
 from jaxret.losses import proxy_anchor
@@ -46,6 +47,7 @@ LOSSES: dict[str, Loss] = {
     "capsule_margin": capsule_margin.LOSS,
     "category": classification.CATEGORY,
     "attributes": classification.ATTRIBUTES,
+    "landmarks": landmarks.LOSS,
 }
 assert all(name == loss.name for name, loss in LOSSES.items())
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxret.models import densenet
+from jaxret.models import fashionnet
 from jaxret.models import googlenet
 from jaxret.models import input_conventions
 from jaxret.models import resnet
@@ -99,6 +100,20 @@ _MODELS.update(_BACKBONES)
 INPUT_CONVENTIONS = {name: input_conventions.IMAGENET for name in _MODELS}
 # --- end of the backbones block ------------------------------------------------------------------------------
 
+# --- FashionNet (issue 20): VGG-16 with landmark, local and global branches (jaxret/models/fashionnet.py) -----
+_FASHIONNET = {
+    "fashionnet": fashionnet.FashionNet,
+    "fashionnet_tiny": functools.partial(fashionnet.FashionNet, layers=_VGG16_TINY_LAYERS, embedding_dim=64,
+                                         global_features=32, pose_features=32, local_features=32,
+                                         fusion_features=32),
+}
+_MODELS.update(_FASHIONNET)
+INPUT_CONVENTIONS.update({name: input_conventions.IMAGENET for name in _FASHIONNET})
+# Models built on a backbone whose pretrained weights they take (`params["backbone"]`, config.model.pretrained):
+# model name -> the backbone's name in BACKBONE_NAMES (its checkpoint layout in `import_weights`).
+WEIGHTS_BACKBONE = {"fashionnet": "vgg16", "fashionnet_tiny": "vgg16_tiny"}
+# --- end of the FashionNet block -----------------------------------------------------------------------------
+
 MODEL_NAMES = tuple(_MODELS)
 
 
@@ -163,7 +178,7 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
       problems.append(f"config.model.dtype={options['dtype']!r} is not a dtype; use float32, bfloat16 or auto.")
   pretrained = model_config.get("pretrained")
   if pretrained:
-    if name not in BACKBONE_NAMES:
+    if name not in BACKBONE_NAMES and name not in WEIGHTS_BACKBONE:
       problems.append(f"config.model.pretrained is set, but {name} is not a backbone with importable weights; "
                       f"use one of {sorted(n for n in BACKBONE_NAMES if not n.endswith('_tiny'))}.")
     elif not os.path.exists(os.path.expanduser(pretrained)):
@@ -191,6 +206,7 @@ __all__ = [
   "RCCapsNet",
   "SCCapsNet",
   "TaskHeads",
+  "WEIGHTS_BACKBONE",
   "capsule_embedding",
   "config_problems",
   "get_model",

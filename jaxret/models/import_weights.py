@@ -261,7 +261,8 @@ def import_backbone(model_name: str, variables: Mapping[str, Mapping], path: str
   """Returns `variables` with the backbone's parameters and BatchNorm statistics read from `path`.
 
   Args:
-    model_name: the model `variables` belong to (a name of `jaxret.models.BACKBONE_NAMES`).
+    model_name: the model `variables` belong to (a name of `jaxret.models.BACKBONE_NAMES` or of
+      `jaxret.models.WEIGHTS_BACKBONE`).
     variables: freshly initialised `{"params": ..., "batch_stats": ...}` of `get_model(model_name, ...)`.
     path: a torchvision `.pth`, a timm `.safetensors` / `.pth`, or a directory written by
       `python -m jaxret.models.import_weights`.
@@ -275,6 +276,8 @@ def import_backbone(model_name: str, variables: Mapping[str, Mapping], path: str
     torch_checkpoint.CheckpointFormatError: the file is not a state dict this reader accepts;
     FileNotFoundError: no such file.
   """
+  # A model built on a backbone (FashionNet on VGG-16) reads that backbone's weights files.
+  model_name = models.WEIGHTS_BACKBONE.get(model_name, model_name)
   shapes = {c: variables[c]["backbone"] for c in COLLECTIONS if c in variables and "backbone" in variables[c]}
   if not shapes:
     raise ValueError(f"variables have no 'backbone' subtree; are they variables of {model_name!r}?")
