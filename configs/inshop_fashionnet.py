@@ -22,9 +22,9 @@ from jaxret import run_config
 def get_config(arg=None):
   config = run_config.inshop_config()
   config.input.image_size = 224  # ImageNet's size, which the VGG-16 weights were trained at: conv4_3 is 28x28.
-  # Ground-truth landmarks are of the whole image; no random area crop, so that they stay close to where the
-  # augmented image has them (the aspect-ratio jitter and the flip remain: docs/models.md, "FashionNet").
-  config.input.crop_scale = (1.0, 1.0)
+  # The trainer maps the ground-truth landmarks through each image's crop and flip (jaxret/landmark_augment.py);
+  # a milder crop than the default keeps most landmarks inside it.
+  config.input.crop_scale = (0.8, 1.0)
   config.model.name = "fashionnet"
   config.model.pretrained = "~/jaxret_weights/vgg16-397923af.pth"
   config.model.embedding_dim = 512

@@ -40,6 +40,7 @@ from jaxret import decoded_cache
 from jaxret import embedding
 from jaxret import evaluation
 from jaxret import input_pipeline
+from jaxret import landmark_augment
 from jaxret import losses
 from jaxret import models
 from jaxret import pictures
@@ -183,8 +184,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
     The new state and `{"loss", "grad_norm", "finite", ...}` scalars (plus the objective's own metrics);
     `finite` is False when the loss, the gradients or the new parameters hold a NaN or an inf.
   """
-  images = augment.train_images(batch["image"], augment.image_keys(seed, state.step, batch["image"].shape[0]),
-                                augmentation, batch.get("bbox"), batch.get("has_bbox"))
+  keys = augment.image_keys(seed, state.step, batch["image"].shape[0])
+  images = augment.train_images(batch["image"], keys, augmentation, batch.get("bbox"), batch.get("has_bbox"))
+  if "landmarks" in batch:  # Ground-truth landmarks follow each image's crop and flip (jaxret/landmark_augment.py).
+    height, width = batch["image"].shape[1:3]
+    batch = {**batch, "landmarks": landmark_augment.augmented_landmarks(
+        batch["landmarks"], keys, augmentation, height, width, batch.get("bbox"), batch.get("has_bbox"))}
   # Dataset features the model reads in training (e.g. ground-truth landmarks); at evaluation it predicts them.
   model_inputs = {name: batch[name] for name in model_batch_inputs(model)}
   dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)

@@ -500,7 +500,7 @@ def test_bfloat16_embeddings_give_float32():
 def test_get_loss():
   assert set(losses.LOSSES) == {"triplet", "quadruplet", "category_quadruplet", "contrastive",
                                 "multi_similarity", "proxy_anchor", "htl", "bier", "a_bier", "hdc", "abe",
-                                "grid", "capsule_margin", "category", "attributes"}
+                                "grid", "capsule_margin", "category", "attributes", "landmarks"}
   x, labels = pk_batch(1, 3, 3, 4)
   loss = losses.get_loss("triplet")
   options = loss.options_from({"margin": 0.2, "mining": "batch_all"})
@@ -518,10 +518,18 @@ def test_every_loss_is_called_the_same_way():
   x, labels = pk_batch(2, 3, 3, 4)
   class_index = np.unique(labels, return_inverse=True)[1]
   categories = class_index % 2
+  landmarks = np.zeros((9, 8, 3), np.float32)  # (visibility, x, y): every slot visible at the centre
+  landmarks[..., 1:] = 0.5
   batch = {"item_id": labels, "category": categories, "class_index": class_index,
-           "rng": jnp.array([0, 1], jnp.uint32)}  # the key the trainer derives from the step
-  # What the models return beside the embedding: capsule lengths (capsule models), BIER's head outputs.
-  outputs = {"capsule_lengths": jnp.full((9, 2), 0.5), "bier_regularizer": x, "embedding_kernel": jnp.ones((5, 4))}
+           "rng": jnp.array([0, 1], jnp.uint32),  # the key the trainer derives from the step
+           # Dataset features the losses declare (`Loss.batch_features`).
+           "attributes": np.tile(np.array([1, -1, 0], np.int8), (9, 1)), "has_attributes": np.ones(9, bool),
+           "landmarks": landmarks, "has_landmarks": np.ones(9, bool)}
+  # What the models return beside the embedding: capsule lengths (capsule models), BIER's head outputs, the
+  # task heads' and FashionNet's predictions.
+  outputs = {"capsule_lengths": jnp.full((9, 2), 0.5), "bier_regularizer": x, "embedding_kernel": jnp.ones((5, 4)),
+             "category_logits": jnp.zeros((9, 2)), "attribute_logits": jnp.zeros((9, 3)),
+             "landmark_locations": jnp.full((9, 8, 2), 0.4), "visibility_logits": jnp.zeros((9, 8, 3))}
   # Sizes that fit D = 4 (the defaults are for the papers' 512-D embeddings).
   small = {"bier": {"learner_sizes": (1, 1, 2)}, "a_bier": {"learner_sizes": (1, 1, 2)},
            "hdc": {"level_dims": (1, 1, 2)}, "abe": {"num_learners": 2}}
