@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.freeze_batch_norm = placeholder(bool)  # CNN BatchNorm keeps its (pretrained) statistics (False).
   config.model.drop_path_rate = placeholder(float)  # ViT stochastic depth of the last block (0.0).
   config.model.pos_embed_grid = placeholder(int)  # ViT: side of the weights' position-embedding grid (14).
+  # The heads of issue 16's methods (docs/models.md): HDC's levels (googlenet_hdc, resnet50_hdc).
+  config.model.level_stages = placeholder(tuple)  # Backbone stages with a level head, shallow to deep.
+  config.model.level_dim = placeholder(int)  # Size of each level's embedding (128).
 
   # Every loss has its own section, so that `--config.loss.name=triplet` switches losses from the command
   # line; the section of a loss holds its options with their published defaults (jaxret/losses/, and

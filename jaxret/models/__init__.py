@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxret.models import densenet
 from jaxret.models import googlenet
+from jaxret.models import hdc
 from jaxret.models import input_conventions
 from jaxret.models import resnet
 from jaxret.models import vgg
@@ -50,14 +51,20 @@ _MODELS = {
 # Keyword arguments are split between the backbone (architecture, `freeze_batch_norm`) and the head
 # (`embedding_dim`, `pooling`, ...); `dtype` and `param_dtype` go to both.
 
-HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(EmbeddingHead) if f.name not in ("parent", "name"))
+def _module_fields(cls) -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name"))
 
 
-def _backbone_embedder(backbone, head_defaults=None, **kwargs) -> BackboneEmbedder:
+HEAD_FIELDS = _module_fields(EmbeddingHead)
+
+
+def _backbone_embedder(backbone, head_defaults=None, head_cls=EmbeddingHead, embedder_cls=BackboneEmbedder,
+                       **kwargs) -> nn.Module:
+  head_fields = _module_fields(head_cls)
   head_kwargs = dict(head_defaults or {})
-  head_kwargs.update({k: v for k, v in kwargs.items() if k in HEAD_FIELDS})
-  backbone_kwargs = {k: v for k, v in kwargs.items() if k not in HEAD_FIELDS or k in ("dtype", "param_dtype")}
-  return BackboneEmbedder(backbone=backbone(**backbone_kwargs), head=EmbeddingHead(**head_kwargs))
+  head_kwargs.update({k: v for k, v in kwargs.items() if k in head_fields})
+  backbone_kwargs = {k: v for k, v in kwargs.items() if k not in head_fields or k in ("dtype", "param_dtype")}
+  return embedder_cls(backbone=backbone(**backbone_kwargs), head=head_cls(**head_kwargs))
 
 
 def _backbone(cls, head_defaults=None, **architecture):
@@ -87,6 +94,32 @@ _BACKBONES = {
     "vit_s16_tiny": _backbone(vit.VisionTransformer, dict(_TINY_HEAD, pooling="token"), embed_dim=32, depth=2,
                               num_heads=2, pos_embed_grid=2),
 }
+
+
+# --- Backbones with the heads of issue 16's methods: HDC's three levels ---------------------------------------
+# Same backbones (params["backbone"], importable weights), another head (params["head"]); docs/models.md.
+def _backbone_with(head_cls, embedder_cls, cls, head_defaults=None, **architecture):
+  return functools.partial(_backbone_embedder, functools.partial(cls, **architecture), head_defaults, head_cls,
+                           embedder_cls)
+
+
+# Tiny levels keep 128 dimensions each, so that config.loss.hdc's default level_dims fit.
+_HDC_TINY = dict(aux_hidden=64)
+_METHOD_BACKBONES = {
+    "googlenet_hdc": _backbone_with(hdc.HDCHead, hdc.HDCEmbedder, googlenet.GoogLeNet,
+                                    dict(level_stages=hdc.GOOGLENET_LEVELS)),
+    "resnet50_hdc": _backbone_with(hdc.HDCHead, hdc.HDCEmbedder, resnet.ResNet,
+                                   dict(level_stages=hdc.RESNET_LEVELS), stage_sizes=(3, 4, 6, 3),
+                                   block="bottleneck"),
+    "googlenet_hdc_tiny": _backbone_with(hdc.HDCHead, hdc.HDCEmbedder, googlenet.GoogLeNet,
+                                         dict(_HDC_TINY, level_stages=hdc.GOOGLENET_LEVELS), channel_divisor=8),
+    "resnet50_hdc_tiny": _backbone_with(hdc.HDCHead, hdc.HDCEmbedder, resnet.ResNet,
+                                        dict(_HDC_TINY, level_stages=hdc.RESNET_LEVELS), stage_sizes=(1, 2, 1, 1),
+                                        block="bottleneck", width=8),
+}
+METHOD_BACKBONE_NAMES = tuple(_METHOD_BACKBONES)
+_BACKBONES.update(_METHOD_BACKBONES)
+# --- end of the issue 16 block ---------------------------------------------------------------------------------
 BACKBONE_NAMES = tuple(_BACKBONES)
 _MODELS.update(_BACKBONES)
 
@@ -125,7 +158,8 @@ def model_fields(name: str) -> tuple[str, ...]:
   factory = _MODELS[name]
   if isinstance(factory, functools.partial) and factory.func is _backbone_embedder:
     backbone = factory.args[0].func
-    fields = [f.name for f in dataclasses.fields(backbone)] + list(HEAD_FIELDS)
+    head_cls = factory.args[2] if len(factory.args) > 2 else EmbeddingHead
+    fields = [f.name for f in dataclasses.fields(backbone)] + list(_module_fields(head_cls))
   else:
     module = factory.func if isinstance(factory, functools.partial) else factory
     fields = [f.name for f in dataclasses.fields(module)]
@@ -174,6 +208,7 @@ __all__ = [
   "EMBEDDINGS",
   "HEAD_FIELDS",
   "INPUT_CONVENTIONS",
+  "METHOD_BACKBONE_NAMES",
   "MODEL_NAMES",
   "BackboneEmbedder",
   "CapsNetEmbedder",

@@ -108,8 +108,8 @@ class Inception(nn.Module):
 class GoogLeNet(nn.Module):
   """GoogLeNet backbone: `[B, H, W, 3]` -> `{"feature_map": [B, h, w, 1024], "stages": {...}}`.
 
-  Stage maps: the output of every inception block, "inception3a" .. "inception5b" (HDC taps 3b, 4d and
-  5b; ABE-M 4e), strides 8, 16 and 32. "feature_map" is "inception5b". At 224x224 the maps are 28x28,
+  Stage maps: the output of every inception block, "inception3a" .. "inception5b" (HDC taps 4a, 4d and
+  5b, `jaxret.models.hdc`), strides 8, 16 and 32. "feature_map" is "inception5b". At 224x224 the maps are 28x28,
   14x14 and 7x7.
   """
   channel_divisor: int = 1  # every width divided by this (8 in the tiny variant); 1 is torchvision's.

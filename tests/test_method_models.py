@@ -1,0 +1,206 @@
+"""The models of issue 16's methods (HDC's levels, ABE-M's attention ensemble, A-BIER's head): their contracts
+with the losses that read them, their pretrained backbones, and a few steps of each in the real trainer."""
+
+import doctest
+import functools
+import importlib.util
+import json
+import pathlib
+
+import backbone_reference as reference  # tests/ is on sys.path under pytest.
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from jaxret import input_pipeline
+from jaxret import models
+from jaxret import trainer
+from jaxret.models import hdc
+from jaxret.models import import_weights
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE = reference.load_reference()
+
+
+def rngs(seed=0):
+  # XLA's RngBitGenerator keys compile much faster on CPU than threefry's; the bits do not matter here.
+  return {"params": jax.random.key(seed, impl="rbg"), "dropout": jax.random.key(seed + 1, impl="rbg")}
+
+
+def abstract_variables(model, shape=(1, 32, 32, 3)):
+  return jax.eval_shape(lambda x: model.init(rngs(), x, train=False), jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+def assert_backbone_is_the_plain_models(name, plain):
+  """Same backbone variables (names, shapes, dtypes) as the plain backbone, and pretrained weights of the plain
+  backbone import into it exactly as into the plain model."""
+  variables = abstract_variables(models.get_model(name))
+  plain_variables = abstract_variables(models.get_model(plain))
+  assert set(variables["params"]) == {"backbone", "head"}
+  for collection in ("params", "batch_stats"):
+    chex.assert_trees_all_equal_shapes_and_dtypes(variables[collection]["backbone"],
+                                                  plain_variables[collection]["backbone"])
+  assert models.get_model(name).backbone == models.get_model(plain).backbone
+  assert name in models.BACKBONE_NAMES
+
+
+def import_tiny_weights(name, plain, tmp_path):
+  """Imports the plain tiny backbone's reference weights into `name`: the backbone equals the plain model's
+  import, the head is untouched."""
+  layout = {k: tuple(v) for k, v in REFERENCE["tiny"][plain]["layout"].items()}
+  file = tmp_path / f"{plain}.safetensors"
+  save_file(reference.random_state_dict(layout), str(file))
+  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
+  fresh = zeros(abstract_variables(models.get_model(name)))
+  loaded = import_weights.import_backbone(name, fresh, file)
+  plain_loaded = import_weights.import_backbone(plain, zeros(abstract_variables(models.get_model(plain))), file)
+  for collection in ("params", "batch_stats"):
+    chex.assert_trees_all_equal(loaded[collection]["backbone"], plain_loaded[collection]["backbone"])
+  chex.assert_trees_all_equal(loaded["params"]["head"], fresh["params"]["head"])
+
+
+# --- Running the real trainer ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tfds")
+  input_pipeline.get_builder("synthetic_inshop/tiny", str(path))
+  return str(path)
+
+
+def smoke_config(data_dir, config_file, **changes):
+  """`configs/<config_file>:smoke` (the tiny model on synthetic_inshop/tiny, 32x32), trained for 4 steps."""
+  spec = importlib.util.spec_from_file_location("config_under_test", REPO / "configs" / config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  config.data_dir = data_dir
+  config.total_steps, config.log_every, config.eval_every, config.checkpoint_every = 4, 2, 4, 4
+  for field, value in changes.items():
+    *parents, leaf = field.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def train(config, workdir):
+  result = trainer.train_and_evaluate(config, str(workdir))
+  with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f if "loss" in line]
+  rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in rows] == [2, 4]
+  assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+  assert 0 <= result["recall@1"] <= 1
+  return rows
+
+
+# --- HDC ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size,output", [(14, 4), (5, 2), (4, 4), (2, 4), (7, 3), (1, 1)])
+def test_adaptive_average_pool_against_python_loop(size, output):
+  x = np.random.default_rng(size).normal(size=(2, size, size + 1, 3))
+  want = np.zeros((2, output, output, 3))
+  for i in range(output):
+    for j in range(output):
+      # PyTorch's adaptive pooling bins, written out: [floor(i n / s), ceil((i + 1) n / s)).
+      r0, r1 = (i * size) // output, -((-(i + 1) * size) // output)
+      c0, c1 = (j * (size + 1)) // output, -((-(j + 1) * (size + 1)) // output)
+      want[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
+  np.testing.assert_allclose(np.asarray(jax.jit(hdc.adaptive_average_pool, static_argnums=1)(x, output)), want,
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_adaptive_average_pool_docstring_and_hand_value():
+  result = doctest.testmod(hdc)
+  assert result.attempted and not result.failed
+  # torchvision's InceptionAux pools a 14x14 map to 4x4 with bins [0, 4), [3, 7), [7, 11), [10, 14).
+  x = jnp.arange(14.0).reshape(1, 14, 1, 1) * jnp.ones((1, 1, 14, 1))
+  np.testing.assert_allclose(hdc.adaptive_average_pool(x, 4)[0, :, 0, 0], [1.5, 4.5, 8.5, 11.5])
+  with pytest.raises(ValueError, match="batch, height, width, channels"):
+    hdc.adaptive_average_pool(jnp.zeros((3, 3, 3)), 2)
+
+
+def tiny_variables(name, plain):
+  """Variables of the tiny model `name` without compiling its init: the backbone from the plain tiny model's
+  reference weights (converted with NumPy), the head initialised on its inputs' shapes."""
+  model = models.get_model(name)
+  layout = {k: tuple(v) for k, v in REFERENCE["tiny"][plain]["layout"].items()}
+  backbone, _ = import_weights.convert_state_dict(name, reference.random_state_dict(layout),
+                                                   import_weights.backbone_shapes(name))
+  variables = {c: {"backbone": jax.tree.map(jnp.asarray, tree)} for c, tree in backbone.items()}
+  return model, variables
+
+
+def test_hdc_levels_contract():
+  images = jnp.asarray(reference.reference_images((4, 32, 32, 3)))
+  model, variables = tiny_variables("resnet50_hdc_tiny", "resnet50_tiny")
+  assert model.head.level_stages == hdc.RESNET_LEVELS and model.embedding_dim == 3 * 128
+  stages = jax.eval_shape(lambda v, x: model.backbone.apply(v, x), {c: t["backbone"] for c, t in variables.items()},
+                          images)["stages"]
+  head_variables = jax.jit(model.head.init)(rngs(), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stages))
+  for collection, tree in head_variables.items():
+    variables[collection]["head"] = tree
+  assert set(variables["params"]["head"]) == {"level0", "level1", "level2"}
+
+  dropout = {"dropout": jax.random.key(2, impl="rbg")}
+  (embedding, aux), _ = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+      variables, images, rngs=dropout)
+  chex.assert_shape(embedding, (4, 384))
+  assert embedding.dtype == jnp.float32
+  # Three unit-norm 128-D blocks: the consecutive `level_dims` that jaxret.losses.hdc reads.
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(embedding).reshape(4, 3, 128), axis=-1), 1.0, rtol=1e-5)
+
+  # Each level reads its own stage: a level's output changes when (and only when) its own stage does.
+  head = jax.jit(lambda maps: model.head.apply({c: t["head"] for c, t in variables.items()}, maps, train=True,
+                                               mutable=["batch_stats"], rngs=dropout)[0][0])
+  reference_output = np.asarray(head(aux["stages"])).reshape(4, 3, 128)
+  for k, stage in enumerate(hdc.RESNET_LEVELS):
+    bumped = np.asarray(head(dict(aux["stages"], **{stage: aux["stages"][stage] * 2.0 + 1.0}))).reshape(4, 3, 128)
+    changed = [not np.allclose(bumped[:, j], reference_output[:, j], atol=1e-5) for j in range(3)]
+    assert changed == [j == k for j in range(3)], stage
+
+
+@pytest.mark.parametrize("name,plain", [("googlenet_hdc_tiny", "googlenet_tiny"),
+                                        ("resnet50_hdc_tiny", "resnet50_tiny")])
+def test_hdc_backbone_is_the_plain_backbone(name, plain, tmp_path):
+  assert_backbone_is_the_plain_models(name, plain)
+  import_tiny_weights(name, plain, tmp_path)
+  embedding, _ = jax.eval_shape(models.get_model(name).apply, abstract_variables(models.get_model(name)),
+                                jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  assert embedding.shape == (2, 384)
+
+
+def test_hdc_full_size_heads_and_options():
+  model = models.get_model("googlenet_hdc")
+  variables = abstract_variables(model, (1, 224, 224, 3))
+  head = variables["params"]["head"]
+  # The released model's loss1/loss2 branches: 1x1 conv to 128 on a 4x4 map, fc 2048 -> 1024 -> 128.
+  assert head["level0"]["conv"]["conv"]["kernel"].shape == (1, 1, 512, 128)  # inception4a: 512 channels
+  assert head["level1"]["conv"]["conv"]["kernel"].shape == (1, 1, 528, 128)  # inception4d: 528 channels
+  assert head["level0"]["fc1"]["kernel"].shape == (2048, 1024)
+  assert head["level1"]["fc2"]["kernel"].shape == (1024, 128)
+  assert head["level2"]["projection"]["kernel"].shape == (1024, 128)  # pool5 -> 128
+  assert models.get_model("resnet50_hdc").head.level_stages == ("layer2", "layer3", "layer4")
+  assert import_weights.backbone_shapes("resnet50_hdc") == import_weights.backbone_shapes("resnet50")
+  assert models.get_model("resnet50_hdc", level_dim=64, level_stages=("layer3", "layer4")).embedding_dim == 128
+  with pytest.raises(ValueError, match="level_stages"):
+    models.get_model("googlenet_hdc", level_stages="inception4a")
+  with pytest.raises(ValueError, match="level_dim"):
+    models.get_model("googlenet_hdc", level_dim=0)
+  with pytest.raises(ValueError, match=r"\['layer9'\] are not stages of this backbone"):
+    abstract_variables(models.get_model("resnet50_hdc_tiny", level_stages=("layer2", "layer9")))
+  assert models.config_problems({"name": "googlenet_hdc", "embedding_dim": 128})  # Not an option of HDC.
+  assert not models.config_problems({"name": "googlenet_hdc", "level_dim": 64, "freeze_batch_norm": True})
+
+
+def test_hdc_trains_in_the_trainer(tmp_path, data_dir):
+  config = smoke_config(data_dir, "inshop_hdc.py", **{"model.name": "resnet50_hdc_tiny"})
+  rows = train(config, tmp_path)
+  assert all(np.isfinite([r["hdc/level_0"], r["hdc/level_1"], r["hdc/level_2"]]).all() for r in rows)
