@@ -82,9 +82,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.freeze_batch_norm = placeholder(bool)  # CNN BatchNorm keeps its (pretrained) statistics (False).
   config.model.drop_path_rate = placeholder(float)  # ViT stochastic depth of the last block (0.0).
   config.model.pos_embed_grid = placeholder(int)  # ViT: side of the weights' position-embedding grid (14).
-  # The heads of issue 16's methods (docs/models.md): HDC's levels (googlenet_hdc, resnet50_hdc).
+  # The heads of issue 16's methods (docs/models.md): HDC's levels (googlenet_hdc, resnet50_hdc), ABE-M's
+  # attention ensemble (googlenet_abe, resnet50_abe).
   config.model.level_stages = placeholder(tuple)  # Backbone stages with a level head, shallow to deep.
   config.model.level_dim = placeholder(int)  # Size of each level's embedding (128).
+  config.model.num_learners = placeholder(int)  # ABE-M's M (8); embedding_dim is split among them.
+  config.model.split_stage = placeholder(str)  # Last stage of the shared features (inception3b, layer2).
+  config.model.attention_features = placeholder(int)  # Channels of the attention modules' 3x3 conv (512).
 
   # Every loss has its own section, so that `--config.loss.name=triplet` switches losses from the command
   # line; the section of a loss holds its options with their published defaults (jaxret/losses/, and

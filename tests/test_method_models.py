@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 from jaxret import input_pipeline
 from jaxret import models
 from jaxret import trainer
+from jaxret.models import abe
 from jaxret.models import hdc
 from jaxret.models import import_weights
 
@@ -204,3 +205,107 @@ def test_hdc_trains_in_the_trainer(tmp_path, data_dir):
   config = smoke_config(data_dir, "inshop_hdc.py", **{"model.name": "resnet50_hdc_tiny"})
   rows = train(config, tmp_path)
   assert all(np.isfinite([r["hdc/level_0"], r["hdc/level_1"], r["hdc/level_2"]]).all() for r in rows)
+
+
+# --- ABE-M ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plain,split", [("resnet50_tiny", "layer2"), ("googlenet_tiny", "inception3b")])
+def test_backbone_split_in_two_is_the_whole_backbone(plain, split):
+  model, variables = tiny_variables(plain, plain)
+  backbone, variables = model.backbone, {c: t["backbone"] for c, t in variables.items()}
+  images = jnp.asarray(reference.reference_images((2, 32, 32, 3)))
+
+  @jax.jit
+  def whole_and_halves(variables, images):
+    whole = backbone.apply(variables, images)
+    lower = backbone.apply(variables, images, stop=split)
+    upper = backbone.apply(variables, lower["feature_map"], start=split)
+    return whole, lower, upper
+
+  whole, lower, upper = whole_and_halves(variables, images)
+  np.testing.assert_allclose(upper["feature_map"], whole["feature_map"], rtol=1e-5, atol=1e-6)
+  assert list(lower["stages"]) + list(upper["stages"]) == list(whole["stages"])
+  assert list(lower["stages"])[-1] == split
+  with pytest.raises(ValueError, match="is not a stage of this backbone"):
+    backbone.apply(variables, images, stop="inception9")
+  last = list(whole["stages"])[-1]
+  with pytest.raises(ValueError, match="must be a stage after"):
+    backbone.apply(variables, images, start=last, stop=split)
+
+
+def test_attend_against_python_loop():
+  rng = np.random.default_rng(0)
+  shared, masks = rng.normal(size=(3, 2, 2, 5)), rng.uniform(size=(4, 3, 2, 2, 5))
+  got = np.asarray(abe.attend(shared, masks))
+  for m in range(4):
+    for b in range(3):
+      np.testing.assert_allclose(got[m * 3 + b], masks[m, b] * shared[b], rtol=1e-6)
+  with pytest.raises(ValueError, match="num_learners"):
+    abe.attend(shared, masks[:, :2])
+
+
+def test_abe_each_learner_is_its_mask_through_the_shared_rest():
+  """Oracle: learner m's block is normalise(W_m pool(G(a_m * S(x))) + b_m), computed one learner at a time."""
+  images = jnp.asarray(reference.reference_images((3, 32, 32, 3)))
+  model, variables = tiny_variables("resnet50_abe_tiny", "resnet50_tiny")
+  head_shapes = abstract_variables(model)["params"]["head"]
+  # Random head parameters, biases included (a fresh head's are 0), scaled to keep the sigmoids unsaturated.
+  leaves, treedef = jax.tree.flatten(head_shapes)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  variables["params"]["head"] = jax.tree.unflatten(
+      treedef, [0.1 * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])
+  num_learners, learner_dim = 8, 8
+  backbone_variables = {c: t["backbone"] for c, t in variables.items()}
+  head_variables = {"params": variables["params"]["head"]}
+
+  @jax.jit
+  def model_and_oracle(variables, images):
+    embedding, aux = model.apply(variables, images)
+    shared = model.backbone.apply(backbone_variables, images, stop="layer2")["feature_map"]
+    masks = model.head.apply(head_variables, shared, method="masks")
+    blocks = []
+    for m in range(num_learners):
+      upper = model.backbone.apply(backbone_variables, masks[m] * shared, start="layer2")["feature_map"]
+      pooled = jnp.mean(upper, axis=(1, 2))
+      kernel = head_variables["params"]["projection"]["kernel"][m]
+      bias = head_variables["params"]["projection"]["bias"][m]
+      x = pooled @ kernel + bias
+      blocks.append(x / jnp.linalg.norm(x, axis=-1, keepdims=True))
+    return embedding, aux, jnp.concatenate(blocks, axis=-1), masks
+
+  embedding, aux, oracle, masks = model_and_oracle(variables, images)
+  chex.assert_shape(embedding, (3, num_learners * learner_dim))
+  np.testing.assert_allclose(embedding, oracle, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(embedding).reshape(3, 8, 8), axis=-1), 1.0, rtol=1e-5)
+  assert 0 <= float(masks.min()) and float(masks.max()) <= 1
+  assert not np.allclose(masks[0], masks[1])  # The learners attend differently.
+  chex.assert_shape(aux["learner_features"], (3, num_learners, 256))
+  chex.assert_shape(aux["attention_masks"], (3, num_learners, 4, 4, 64))
+
+
+@pytest.mark.parametrize("name,plain", [("googlenet_abe_tiny", "googlenet_tiny"),
+                                        ("resnet50_abe_tiny", "resnet50_tiny")])
+def test_abe_backbone_is_the_plain_backbone(name, plain, tmp_path):
+  assert_backbone_is_the_plain_models(name, plain)
+  import_tiny_weights(name, plain, tmp_path)
+
+
+def test_abe_options():
+  assert models.get_model("googlenet_abe").head.split_stage == "inception3b"
+  assert models.get_model("resnet50_abe").head.split_stage == "layer2"
+  assert models.get_model("googlenet_abe").embedding_dim == 512
+  head = abstract_variables(models.get_model("googlenet_abe"), (1, 224, 224, 3))["params"]["head"]
+  assert head["attention"]["masks"]["kernel"].shape == (1, 1, 512, 8 * 480)  # masks over inception3b's 480
+  assert head["projection"]["kernel"].shape == (8, 1024, 64)  # 8 learners, pool5 -> 512 / 8
+  with pytest.raises(ValueError, match="multiple of num_learners"):
+    models.get_model("googlenet_abe", embedding_dim=100)
+  with pytest.raises(ValueError, match="is not a stage of this backbone"):
+    abstract_variables(models.get_model("resnet50_abe_tiny", split_stage="inception3b"))
+  assert not models.config_problems({"name": "resnet50_abe", "num_learners": 4, "split_stage": "layer3"})
+
+
+def test_abe_trains_in_the_trainer(tmp_path, data_dir):
+  config = smoke_config(data_dir, "inshop_abe.py", **{"model.name": "resnet50_abe_tiny"})
+  rows = train(config, tmp_path)
+  assert all(r["abe/divergence"] >= 0 and np.isfinite(r["abe/contrastive"]) for r in rows)

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxret.models import abe
 from jaxret.models import densenet
 from jaxret.models import googlenet
 from jaxret.models import hdc
@@ -96,15 +97,17 @@ _BACKBONES = {
 }
 
 
-# --- Backbones with the heads of issue 16's methods: HDC's three levels ---------------------------------------
+# --- Backbones with the heads of issue 16's methods: HDC's levels, ABE-M's attention ensemble ---------------------------------------
 # Same backbones (params["backbone"], importable weights), another head (params["head"]); docs/models.md.
 def _backbone_with(head_cls, embedder_cls, cls, head_defaults=None, **architecture):
   return functools.partial(_backbone_embedder, functools.partial(cls, **architecture), head_defaults, head_cls,
                            embedder_cls)
 
 
-# Tiny levels keep 128 dimensions each, so that config.loss.hdc's default level_dims fit.
+# Tiny levels keep 128 dimensions each, so that config.loss.hdc's default level_dims fit; the tiny ensembles
+# keep 8 learners, config.loss.abe's default.
 _HDC_TINY = dict(aux_hidden=64)
+_ABE_TINY = dict(embedding_dim=64, attention_features=16)
 _METHOD_BACKBONES = {
     "googlenet_hdc": _backbone_with(hdc.HDCHead, hdc.HDCEmbedder, googlenet.GoogLeNet,
                                     dict(level_stages=hdc.GOOGLENET_LEVELS)),
@@ -115,6 +118,16 @@ _METHOD_BACKBONES = {
                                          dict(_HDC_TINY, level_stages=hdc.GOOGLENET_LEVELS), channel_divisor=8),
     "resnet50_hdc_tiny": _backbone_with(hdc.HDCHead, hdc.HDCEmbedder, resnet.ResNet,
                                         dict(_HDC_TINY, level_stages=hdc.RESNET_LEVELS), stage_sizes=(1, 2, 1, 1),
+                                        block="bottleneck", width=8),
+    "googlenet_abe": _backbone_with(abe.AttentionEnsembleHead, abe.AttentionEnsembleEmbedder, googlenet.GoogLeNet,
+                                    dict(split_stage=abe.GOOGLENET_SPLIT)),
+    "resnet50_abe": _backbone_with(abe.AttentionEnsembleHead, abe.AttentionEnsembleEmbedder, resnet.ResNet,
+                                   dict(split_stage=abe.RESNET_SPLIT), stage_sizes=(3, 4, 6, 3), block="bottleneck"),
+    "googlenet_abe_tiny": _backbone_with(abe.AttentionEnsembleHead, abe.AttentionEnsembleEmbedder,
+                                         googlenet.GoogLeNet, dict(_ABE_TINY, split_stage=abe.GOOGLENET_SPLIT),
+                                         channel_divisor=8),
+    "resnet50_abe_tiny": _backbone_with(abe.AttentionEnsembleHead, abe.AttentionEnsembleEmbedder, resnet.ResNet,
+                                        dict(_ABE_TINY, split_stage=abe.RESNET_SPLIT), stage_sizes=(1, 2, 1, 1),
                                         block="bottleneck", width=8),
 }
 METHOD_BACKBONE_NAMES = tuple(_METHOD_BACKBONES)
