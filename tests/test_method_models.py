@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 
 from jaxret import input_pipeline
 from jaxret import models
+from jaxret import run_config
 from jaxret import trainer
 from jaxret.models import abe
 from jaxret.models import hdc
@@ -54,7 +55,7 @@ def import_tiny_weights(name, plain, tmp_path):
   layout = {k: tuple(v) for k, v in REFERENCE["tiny"][plain]["layout"].items()}
   file = tmp_path / f"{plain}.safetensors"
   save_file(reference.random_state_dict(layout), str(file))
-  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
+  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
   fresh = zeros(abstract_variables(models.get_model(name)))
   loaded = import_weights.import_backbone(name, fresh, file)
   plain_loaded = import_weights.import_backbone(plain, zeros(abstract_variables(models.get_model(plain))), file)
@@ -278,7 +279,7 @@ def test_abe_each_learner_is_its_mask_through_the_shared_rest():
   chex.assert_shape(embedding, (3, num_learners * learner_dim))
   np.testing.assert_allclose(embedding, oracle, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(embedding).reshape(3, 8, 8), axis=-1), 1.0, rtol=1e-5)
-  assert 0 <= float(masks.min()) and float(masks.max()) <= 1
+  assert float(masks.min()) >= 0 and float(masks.max()) <= 1
   assert not np.allclose(masks[0], masks[1])  # The learners attend differently.
   chex.assert_shape(aux["learner_features"], (3, num_learners, 256))
   chex.assert_shape(aux["attention_masks"], (3, num_learners, 4, 4, 64))
@@ -309,3 +310,81 @@ def test_abe_trains_in_the_trainer(tmp_path, data_dir):
   config = smoke_config(data_dir, "inshop_abe.py", **{"model.name": "resnet50_abe_tiny"})
   rows = train(config, tmp_path)
   assert all(r["abe/divergence"] >= 0 and np.isfinite(r["abe/contrastive"]) for r in rows)
+
+
+# --- A-BIER ---------------------------------------------------------------------------------------------------
+
+
+def test_bier_head_outputs_what_a_bier_reads():
+  """embedding = bier_test_embedding(f W + b); bier_regularizer = f W under stop-gradient; the kernel is W."""
+  images = jnp.asarray(reference.reference_images((4, 32, 32, 3)))
+  model, variables = tiny_variables("resnet50_bier_tiny", "resnet50_tiny")
+  head_shapes = abstract_variables(model)["params"]["head"]
+  assert jax.tree.map(lambda s: s.shape, head_shapes) == {"kernel": (256, 512), "bias": (512,)}
+  variables["params"]["head"] = {"kernel": 0.1 * jax.random.normal(jax.random.key(0), (256, 512)),
+                                 "bias": 0.1 * jax.random.normal(jax.random.key(1), (512,))}
+
+  @jax.jit
+  def outputs_and_gradients(variables, images):
+    def regularizer_sum(params):
+      return jnp.sum(model.apply({**variables, "params": params}, images)[1]["bier_regularizer"])
+
+    return model.apply(variables, images), jax.grad(regularizer_sum)(variables["params"])
+
+  (embedding, aux), gradients = outputs_and_gradients(variables, images)
+  features = np.asarray(aux["features"], np.float64)
+  kernel = np.asarray(variables["params"]["head"]["kernel"], np.float64)
+  bias = np.asarray(variables["params"]["head"]["bias"], np.float64)
+  np.testing.assert_allclose(aux["embedding_kernel"], kernel, rtol=0)
+  np.testing.assert_allclose(aux["bier_regularizer"], features @ kernel, rtol=1e-4, atol=1e-5)
+  raw = features @ kernel + bias
+  want = np.concatenate([raw[:, a:b] / np.linalg.norm(raw[:, a:b], axis=1, keepdims=True) * (b - a) / 512
+                         for a, b in ((0, 96), (96, 256), (256, 512))], axis=1)
+  np.testing.assert_allclose(embedding, want, rtol=1e-4, atol=1e-6)
+  # The regularizer trains the embedding kernel only: no gradient reaches the backbone or the bias.
+  assert all(not np.any(g) for g in jax.tree.leaves(gradients["backbone"]))
+  assert not np.any(gradients["head"]["bias"]) and np.any(gradients["head"]["kernel"])
+  np.testing.assert_allclose(gradients["head"]["kernel"], np.repeat(features.sum(0)[:, None], 512, axis=1),
+                             rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,plain", [("googlenet_bier_tiny", "googlenet_tiny"),
+                                        ("resnet50_bier_tiny", "resnet50_tiny")])
+def test_bier_backbone_is_the_plain_backbone(name, plain, tmp_path):
+  assert_backbone_is_the_plain_models(name, plain)
+  import_tiny_weights(name, plain, tmp_path)
+
+
+def test_bier_options():
+  assert models.get_model("googlenet_bier").embedding_dim == 512
+  assert models.get_model("resnet50_bier", learner_sizes=(64, 64)).embedding_dim == 128
+  with pytest.raises(ValueError, match="learner_sizes"):
+    models.get_model("googlenet_bier", learner_sizes=(96, 0))
+  with pytest.raises(ValueError, match="pooling"):
+    models.get_model("googlenet_bier", pooling="token")
+  assert not models.config_problems({"name": "googlenet_bier", "learner_sizes": (64, 64), "pooling": "gem"})
+
+
+def test_a_bier_trains_in_the_trainer(tmp_path, data_dir):
+  config = smoke_config(data_dir, "inshop_a_bier.py", **{"model.name": "resnet50_bier_tiny"})
+  rows = train(config, tmp_path)
+  for row in rows:
+    assert np.isfinite([row["a_bier/correlation"], row["a_bier/kernel_penalty"], row["a_bier/discriminative"]]).all()
+    assert row["a_bier/correlation"] < 0  # -mean((f_i g(f_j))^2) of the model's regularizer outputs.
+
+
+# --- The model's blocks and the loss's, checked before anything runs -------------------------------------------
+
+
+@pytest.mark.parametrize("config_file,field,value,message", [
+    ("inshop_hdc.py", "loss.hdc.level_dims", (128, 128), r"level_dims=\(128, 128\) must be the levels"),
+    ("inshop_hdc.py", "model.level_dim", 64, r"must be the levels of model googlenet_hdc_tiny, \(64, 64, 64\)"),
+    ("inshop_abe.py", "loss.abe.num_learners", 4, "num_learners=4 must be model googlenet_abe_tiny's"),
+    ("inshop_a_bier.py", "loss.a_bier.learner_sizes", (256, 160, 96), r"learner_sizes=\(256, 160, 96\) must be"),
+    ("inshop_a_bier.py", "model.learner_sizes", (64, 64), r"config.model.learner_sizes=\(64, 64\)"),
+])
+def test_validate_refuses_a_loss_that_reads_other_blocks(config_file, field, value, message):
+  config = smoke_config("/nonexistent", config_file, **{field: value})
+  with pytest.raises(run_config.ConfigError, match=message):
+    run_config.validate(config, device_count=1)
+  run_config.validate(smoke_config("/nonexistent", config_file), device_count=1)  # As the file sets it: fine.

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxret.models import abe
+from jaxret.models import bier
 from jaxret.models import densenet
 from jaxret.models import googlenet
 from jaxret.models import hdc
@@ -97,7 +98,7 @@ _BACKBONES = {
 }
 
 
-# --- Backbones with the heads of issue 16's methods: HDC's levels, ABE-M's attention ensemble ---------------------------------------
+# --- Backbones with the heads of issue 16's methods: HDC's levels, ABE-M's ensemble, BIER's learners ------
 # Same backbones (params["backbone"], importable weights), another head (params["head"]); docs/models.md.
 def _backbone_with(head_cls, embedder_cls, cls, head_defaults=None, **architecture):
   return functools.partial(_backbone_embedder, functools.partial(cls, **architecture), head_defaults, head_cls,
@@ -129,10 +130,17 @@ _METHOD_BACKBONES = {
     "resnet50_abe_tiny": _backbone_with(abe.AttentionEnsembleHead, abe.AttentionEnsembleEmbedder, resnet.ResNet,
                                         dict(_ABE_TINY, split_stage=abe.RESNET_SPLIT), stage_sizes=(1, 2, 1, 1),
                                         block="bottleneck", width=8),
+    "googlenet_bier": _backbone_with(bier.BIERHead, bier.BIEREmbedder, googlenet.GoogLeNet),
+    "resnet50_bier": _backbone_with(bier.BIERHead, bier.BIEREmbedder, resnet.ResNet, stage_sizes=(3, 4, 6, 3),
+                                    block="bottleneck"),
+    "googlenet_bier_tiny": _backbone_with(bier.BIERHead, bier.BIEREmbedder, googlenet.GoogLeNet,
+                                          channel_divisor=8),
+    "resnet50_bier_tiny": _backbone_with(bier.BIERHead, bier.BIEREmbedder, resnet.ResNet, stage_sizes=(1, 2, 1, 1),
+                                         block="bottleneck", width=8),
 }
 METHOD_BACKBONE_NAMES = tuple(_METHOD_BACKBONES)
 _BACKBONES.update(_METHOD_BACKBONES)
-# --- end of the issue 16 block ---------------------------------------------------------------------------------
+# --- end of the issue 16 block --------------------------------------------------------------------------------
 BACKBONE_NAMES = tuple(_BACKBONES)
 _MODELS.update(_BACKBONES)
 
@@ -216,6 +224,35 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
   return problems
 
 
+def loss_layout_problems(model_config: Mapping[str, Any], loss_config: Mapping[str, Any]) -> list[str]:
+  """Where the blocks of a method model's embedding (HDC's levels, ABE-M's and BIER's learners) differ from the
+  blocks its loss reads (`config.loss.hdc.level_dims`, `config.loss.abe.num_learners`,
+  `config.loss.<bier|a_bier>.learner_sizes`), one line each; [] for other models or a model config with
+  problems of its own (`config_problems` names those)."""
+  name = model_config["name"]
+  if name not in METHOD_BACKBONE_NAMES or config_problems(model_config):
+    return []
+  options = {k: v for k, v in model_config.items() if k not in NOT_MODEL_FIELDS and v is not None and k != "dtype"}
+  head = get_model(name, **options).head
+  terms = {term.strip() for term in str(loss_config["name"]).split("+")}
+  problems = []
+  if isinstance(head, hdc.HDCHead) and "hdc" in terms:
+    levels = (head.level_dim,) * len(head.level_stages)
+    if tuple(loss_config["hdc"]["level_dims"]) != levels:
+      problems.append(f"config.loss.hdc.level_dims={tuple(loss_config['hdc']['level_dims'])} must be the levels "
+                      f"of model {name}, {levels} (config.model.level_dim per config.model.level_stages).")
+  abe_learners = loss_config["abe"]["num_learners"]
+  if isinstance(head, abe.AttentionEnsembleHead) and "abe" in terms and abe_learners != head.num_learners:
+    problems.append(f"config.loss.abe.num_learners={abe_learners} must be model {name}'s "
+                    f"config.model.num_learners={head.num_learners}.")
+  if isinstance(head, bier.BIERHead):
+    for term in sorted(terms & {"bier", "a_bier"}):
+      if tuple(loss_config[term]["learner_sizes"]) != tuple(head.learner_sizes):
+        problems.append(f"config.loss.{term}.learner_sizes={tuple(loss_config[term]['learner_sizes'])} must be "
+                        f"model {name}'s config.model.learner_sizes={tuple(head.learner_sizes)}.")
+  return problems
+
+
 __all__ = [
   "BACKBONE_NAMES",
   "EMBEDDINGS",
@@ -232,6 +269,7 @@ __all__ = [
   "capsule_embedding",
   "config_problems",
   "get_model",
+  "loss_layout_problems",
   "model_fields",
   "resolve_dtype",
 ]
