@@ -11,6 +11,7 @@ import backbone_reference as reference  # tests/ is on sys.path under pytest.
 import chex
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -117,6 +118,13 @@ def test_adaptive_average_pool_against_python_loop(size, output):
       want[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
   np.testing.assert_allclose(np.asarray(jax.jit(hdc.adaptive_average_pool, static_argnums=1)(x, output)), want,
                              rtol=1e-6, atol=1e-6)
+
+
+def test_adaptive_average_pool_and_attend_gradients():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 5, 3, 2)))
+  check_grads(lambda x: hdc.adaptive_average_pool(x, 2), (x,), order=1, modes=["rev"])
+  masks = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 1, 5, 3, 2)))
+  check_grads(abe.attend, (x, masks), order=1, modes=["rev"])
 
 
 def test_adaptive_average_pool_docstring_and_hand_value():
@@ -290,6 +298,17 @@ def test_abe_each_learner_is_its_mask_through_the_shared_rest():
 def test_abe_backbone_is_the_plain_backbone(name, plain, tmp_path):
   assert_backbone_is_the_plain_models(name, plain)
   import_tiny_weights(name, plain, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["resnet50_hdc_tiny", "resnet50_abe_tiny", "resnet50_bier_tiny"])
+def test_bfloat16_computation_float32_parameters_and_embedding(name):
+  model = models.get_model(name, dtype=jnp.bfloat16)
+  variables = abstract_variables(model)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+  embedding, aux = jax.eval_shape(functools.partial(model.apply, train=False), variables,
+                                  jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  assert embedding.dtype == aux["features"].dtype == jnp.float32
+  assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(aux["stages"]))
 
 
 def test_abe_options():
