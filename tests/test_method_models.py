@@ -38,8 +38,8 @@ def abstract_variables(model, shape=(1, 32, 32, 3)):
 
 
 def assert_backbone_is_the_plain_models(name, plain):
-  """Same backbone variables (names, shapes, dtypes) as the plain backbone, and pretrained weights of the plain
-  backbone import into it exactly as into the plain model."""
+  """The model `name` has the plain backbone's module and variables (names, shapes, dtypes) under "backbone",
+  everything else under "head", and is a backbone model (its weights import)."""
   variables = abstract_variables(models.get_model(name))
   plain_variables = abstract_variables(models.get_model(plain))
   assert set(variables["params"]) == {"backbone", "head"}
@@ -63,6 +63,17 @@ def import_tiny_weights(name, plain, tmp_path):
   for collection in ("params", "batch_stats"):
     chex.assert_trees_all_equal(loaded[collection]["backbone"], plain_loaded[collection]["backbone"])
   chex.assert_trees_all_equal(loaded["params"]["head"], fresh["params"]["head"])
+
+
+def tiny_variables(name, plain):
+  """`(model, variables)` of the tiny model `name` with the backbone's variables only: the plain tiny model's
+  reference weights converted with NumPy (no compilation, unlike `model.init`); each test adds a head."""
+  model = models.get_model(name)
+  layout = {k: tuple(v) for k, v in REFERENCE["tiny"][plain]["layout"].items()}
+  backbone, _ = import_weights.convert_state_dict(name, reference.random_state_dict(layout),
+                                                   import_weights.backbone_shapes(name))
+  variables = {c: {"backbone": jax.tree.map(jnp.asarray, tree)} for c, tree in backbone.items()}
+  return model, variables
 
 
 # --- Running the real trainer ---------------------------------------------------------------------------------
@@ -95,8 +106,7 @@ def smoke_config(data_dir, config_file, **changes):
 def train(config, workdir):
   result = trainer.train_and_evaluate(config, str(workdir))
   with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
-    rows = [json.loads(line) for line in f if "loss" in line]
-  rows = [r for r in rows if "loss" in r]
+    rows = [row for row in map(json.loads, f) if "loss" in row]
   assert [r["step"] for r in rows] == [2, 4]
   assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
   assert 0 <= result["recall@1"] <= 1
@@ -135,17 +145,6 @@ def test_adaptive_average_pool_docstring_and_hand_value():
   np.testing.assert_allclose(hdc.adaptive_average_pool(x, 4)[0, :, 0, 0], [1.5, 4.5, 8.5, 11.5])
   with pytest.raises(ValueError, match="batch, height, width, channels"):
     hdc.adaptive_average_pool(jnp.zeros((3, 3, 3)), 2)
-
-
-def tiny_variables(name, plain):
-  """Variables of the tiny model `name` without compiling its init: the backbone from the plain tiny model's
-  reference weights (converted with NumPy), the head initialised on its inputs' shapes."""
-  model = models.get_model(name)
-  layout = {k: tuple(v) for k, v in REFERENCE["tiny"][plain]["layout"].items()}
-  backbone, _ = import_weights.convert_state_dict(name, reference.random_state_dict(layout),
-                                                   import_weights.backbone_shapes(name))
-  variables = {c: {"backbone": jax.tree.map(jnp.asarray, tree)} for c, tree in backbone.items()}
-  return model, variables
 
 
 def test_hdc_levels_contract():
