@@ -63,6 +63,7 @@ def import_tiny_weights(name, plain, tmp_path):
   for collection in ("params", "batch_stats"):
     chex.assert_trees_all_equal(loaded[collection]["backbone"], plain_loaded[collection]["backbone"])
   chex.assert_trees_all_equal(loaded["params"]["head"], fresh["params"]["head"])
+  return file, fresh, loaded
 
 
 def tiny_variables(name, plain):
@@ -184,6 +185,15 @@ def test_hdc_backbone_is_the_plain_backbone(name, plain, tmp_path):
   embedding, _ = jax.eval_shape(models.get_model(name).apply, abstract_variables(models.get_model(name)),
                                 jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
   assert embedding.shape == (2, 384)
+
+
+def test_plain_backbones_converted_checkpoint_loads_into_a_method_model(tmp_path):
+  file, fresh, loaded = import_tiny_weights("resnet50_hdc_tiny", "resnet50_tiny", tmp_path)
+  out = tmp_path / "converted"  # `python -m jaxret.models.import_weights --model resnet50_tiny`, done once.
+  assert import_weights.main(["--model", "resnet50_tiny", "--file", str(file), "--out", str(out)]) == 0
+  chex.assert_trees_all_equal(import_weights.import_backbone("resnet50_hdc_tiny", fresh, out), loaded)
+  with pytest.raises(import_weights.WeightImportError, match="holds the backbone of 'resnet50_tiny'"):
+    import_weights.import_backbone("resnet18_tiny", abstract_variables(models.get_model("resnet18_tiny")), out)
 
 
 def test_hdc_full_size_heads_and_options():
