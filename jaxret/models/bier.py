@@ -79,7 +79,10 @@ class BIERHead(nn.Module):
     kernel = self.param("kernel", nn.initializers.glorot_uniform(), (features.shape[-1], self.embedding_dim),
                         self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (self.embedding_dim,), self.param_dtype)
-    project = lambda f: jnp.matmul(f.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32)
+
+    def project(f):
+      return jnp.matmul(f.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32)
+
     raw = project(features) + bias.astype(jnp.float32)
     embedding = bier_test_embedding(raw, tuple(self.learner_sizes))
     aux = {"features": features, "bier_regularizer": project(jax.lax.stop_gradient(features)),
