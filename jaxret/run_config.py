@@ -96,6 +96,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.feature_relaxation = placeholder(bool)  # Park et al.'s conv-ReLU-dropout-conv before the classifier.
   config.model.relaxation_features = placeholder(int)  # Its channels (512).
   config.model.relaxation_dropout = placeholder(float)  # Its dropout (0.5).
+  # The heads of issue 16's methods (docs/models.md): HDC's levels (googlenet_hdc, resnet50_hdc), ABE-M's
+  # attention ensemble (googlenet_abe, resnet50_abe), BIER's learners (googlenet_bier, resnet50_bier).
+  config.model.level_stages = placeholder(tuple)  # Backbone stages with a level head, shallow to deep.
+  config.model.level_dim = placeholder(int)  # Size of each level's embedding (128).
+  config.model.num_learners = placeholder(int)  # ABE-M's M (8); embedding_dim is split among them.
+  config.model.split_stage = placeholder(str)  # Last stage of the shared features (inception3b, layer2).
+  config.model.attention_features = placeholder(int)  # Channels of the attention modules' 3x3 conv (512).
+  config.model.learner_sizes = placeholder(tuple)  # BIER's learners (96, 160, 256), = config.loss.<bier|a_bier>'s.
 
   # Every loss has its own section, so that `--config.loss.name=triplet` switches losses from the command
   # line; the section of a loss holds its options with their published defaults (jaxret/losses/, and
@@ -289,7 +297,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
       problems.append(f"{field}={value} is not divisible by the {process_count} processes.")
   problems.extend(input_problems(config.input))
   problems.extend(models.config_problems(config.model))
-  problems.extend(losses.config_problems(config.loss))
+  loss_problems = losses.config_problems(config.loss)
+  problems.extend(loss_problems)
+  if not loss_problems:  # The embedding blocks of issue 16's method models against the loss's.
+    problems.extend(models.loss_layout_problems(config.model, config.loss))
   for field in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
     if config[field] < 1:
       problems.append(f"config.{field}={config[field]} must be at least 1.")

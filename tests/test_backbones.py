@@ -280,7 +280,8 @@ def test_pth_reader_refuses_non_state_dicts(tmp_path):
 
 
 def test_registry_and_keyword_routing():
-  assert set(models.BACKBONE_NAMES) == set(reference.FULL_SIZE) | set(TINY)
+  # The plain backbones, and the same backbones with the heads of issue 16's methods (test_method_models.py).
+  assert set(models.BACKBONE_NAMES) == set(reference.FULL_SIZE) | set(TINY) | set(models.METHOD_BACKBONE_NAMES)
   assert set(models.BACKBONE_NAMES) <= set(models.MODEL_NAMES) <= set(models.INPUT_CONVENTIONS)
   model = models.get_model("resnet50", embedding_dim=128, pooling="gem", width=32, dtype=jnp.bfloat16)
   assert model.head.embedding_dim == 128 and model.head.pooling == "gem" and model.backbone.width == 32

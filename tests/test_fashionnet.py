@@ -21,7 +21,6 @@ from jaxret import landmark_augment
 from jaxret import losses
 from jaxret import models
 from jaxret import trainer
-from jaxret.losses import landmarks as landmark_loss
 from jaxret.models import import_weights
 from jaxret.models import landmark_pooling
 
@@ -306,7 +305,7 @@ def test_fashionnet_pools_at_ground_truth_in_training_and_its_local_branch_count
 
 
 def test_fashionnet_takes_vgg16_weights_into_its_backbone(tiny, tmp_path):
-  model, variables, _ = tiny
+  _, variables, _ = tiny
   state_dict = reference.random_state_dict({k: tuple(v) for k, v in
                                             reference.load_reference()["tiny"]["vgg16_tiny"]["layout"].items()})
   save_file(state_dict, str(tmp_path / "vgg16_tiny.safetensors"))

@@ -27,7 +27,8 @@ LOSSES = {
     "contrastive": ("contrastive (Hadsell et al. 2006)", {"loss.name": "contrastive"}),
     # The methods of issue 16 (docs/losses.md). The tiny RCCapsNet's embedding has 368 dimensions (23 class
     # capsules x 16): BIER's learners and HDC's levels are resized to add up to it, ABE-M's 8 learners take
-    # 46 each. A-BIER is left out: it needs a model that returns its embedding layer's inputs and kernel.
+    # 46 each. A-BIER is left out: it needs a model that returns its embedding layer's inputs and kernel, a
+    # backbone here (googlenet_bier, configs/inshop_a_bier.py), not this suite's RCCapsNet.
     "multi_similarity": ("Multi-Similarity (Wang et al. 2019)", {"loss.name": "multi_similarity"}),
     "proxy_anchor": ("Proxy-Anchor (Kim et al. 2020)", {"loss.name": "proxy_anchor"}),
     "htl": ("HTL, tree rebuilt every epoch (Ge et al. 2018)", {"loss.name": "htl"}),

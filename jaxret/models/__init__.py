@@ -19,9 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxret.models import abe
+from jaxret.models import bier
 from jaxret.models import densenet
 from jaxret.models import fashionnet
 from jaxret.models import googlenet
+from jaxret.models import hdc
 from jaxret.models import input_conventions
 from jaxret.models import resnet
 from jaxret.models import vgg
@@ -52,16 +55,22 @@ _MODELS = {
 # Keyword arguments are split between the backbone (architecture, `freeze_batch_norm`) and the head
 # (`embedding_dim`, `pooling`, ...); `dtype` and `param_dtype` go to both.
 
-HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(EmbeddingHead) if f.name not in ("parent", "name"))
+def _module_fields(cls) -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name"))
+
+
+HEAD_FIELDS = _module_fields(EmbeddingHead)
 # Options of the multi-task heads that any model may carry (`TaskHeads`; `param_dtype` is the model's).
-TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskHeads) if f.name not in ("parent", "name", "param_dtype"))
+TASK_FIELDS = tuple(f for f in _module_fields(TaskHeads) if f != "param_dtype")
 
 
-def _backbone_embedder(backbone, head_defaults=None, **kwargs) -> BackboneEmbedder:
+def _backbone_embedder(backbone, head_defaults=None, head_cls=EmbeddingHead, embedder_cls=BackboneEmbedder,
+                       **kwargs) -> nn.Module:
+  head_fields = _module_fields(head_cls)
   head_kwargs = dict(head_defaults or {})
-  head_kwargs.update({k: v for k, v in kwargs.items() if k in HEAD_FIELDS})
-  backbone_kwargs = {k: v for k, v in kwargs.items() if k not in HEAD_FIELDS or k in ("dtype", "param_dtype")}
-  return BackboneEmbedder(backbone=backbone(**backbone_kwargs), head=EmbeddingHead(**head_kwargs))
+  head_kwargs.update({k: v for k, v in kwargs.items() if k in head_fields})
+  backbone_kwargs = {k: v for k, v in kwargs.items() if k not in head_fields or k in ("dtype", "param_dtype")}
+  return embedder_cls(backbone=backbone(**backbone_kwargs), head=head_cls(**head_kwargs))
 
 
 def _backbone(cls, head_defaults=None, **architecture):
@@ -91,6 +100,51 @@ _BACKBONES = {
     "vit_s16_tiny": _backbone(vit.VisionTransformer, dict(_TINY_HEAD, pooling="token"), embed_dim=32, depth=2,
                               num_heads=2, pos_embed_grid=2),
 }
+
+
+# --- Backbones with the heads of issue 16's methods: HDC's levels, ABE-M's ensemble, BIER's learners ------
+# Same backbones (params["backbone"], importable weights), another head (params["head"]); docs/models.md.
+def _backbone_with(head_cls, embedder_cls, cls, head_defaults=None, **architecture):
+  return functools.partial(_backbone_embedder, functools.partial(cls, **architecture), head_defaults, head_cls,
+                           embedder_cls)
+
+
+# Tiny levels keep 128 dimensions each, so that config.loss.hdc's default level_dims fit; the tiny ensembles
+# keep 8 learners, config.loss.abe's default.
+_HDC_TINY = dict(aux_hidden=64)
+_ABE_TINY = dict(embedding_dim=64, attention_features=16)
+_METHOD_BACKBONES = {
+    "googlenet_hdc": _backbone_with(hdc.HDCHead, hdc.HDCEmbedder, googlenet.GoogLeNet,
+                                    dict(level_stages=hdc.GOOGLENET_LEVELS)),
+    "resnet50_hdc": _backbone_with(hdc.HDCHead, hdc.HDCEmbedder, resnet.ResNet,
+                                   dict(level_stages=hdc.RESNET_LEVELS), stage_sizes=(3, 4, 6, 3),
+                                   block="bottleneck"),
+    "googlenet_hdc_tiny": _backbone_with(hdc.HDCHead, hdc.HDCEmbedder, googlenet.GoogLeNet,
+                                         dict(_HDC_TINY, level_stages=hdc.GOOGLENET_LEVELS), channel_divisor=8),
+    "resnet50_hdc_tiny": _backbone_with(hdc.HDCHead, hdc.HDCEmbedder, resnet.ResNet,
+                                        dict(_HDC_TINY, level_stages=hdc.RESNET_LEVELS), stage_sizes=(1, 2, 1, 1),
+                                        block="bottleneck", width=8),
+    "googlenet_abe": _backbone_with(abe.AttentionEnsembleHead, abe.AttentionEnsembleEmbedder, googlenet.GoogLeNet,
+                                    dict(split_stage=abe.GOOGLENET_SPLIT)),
+    "resnet50_abe": _backbone_with(abe.AttentionEnsembleHead, abe.AttentionEnsembleEmbedder, resnet.ResNet,
+                                   dict(split_stage=abe.RESNET_SPLIT), stage_sizes=(3, 4, 6, 3), block="bottleneck"),
+    "googlenet_abe_tiny": _backbone_with(abe.AttentionEnsembleHead, abe.AttentionEnsembleEmbedder,
+                                         googlenet.GoogLeNet, dict(_ABE_TINY, split_stage=abe.GOOGLENET_SPLIT),
+                                         channel_divisor=8),
+    "resnet50_abe_tiny": _backbone_with(abe.AttentionEnsembleHead, abe.AttentionEnsembleEmbedder, resnet.ResNet,
+                                        dict(_ABE_TINY, split_stage=abe.RESNET_SPLIT), stage_sizes=(1, 2, 1, 1),
+                                        block="bottleneck", width=8),
+    "googlenet_bier": _backbone_with(bier.BIERHead, bier.BIEREmbedder, googlenet.GoogLeNet),
+    "resnet50_bier": _backbone_with(bier.BIERHead, bier.BIEREmbedder, resnet.ResNet, stage_sizes=(3, 4, 6, 3),
+                                    block="bottleneck"),
+    "googlenet_bier_tiny": _backbone_with(bier.BIERHead, bier.BIEREmbedder, googlenet.GoogLeNet,
+                                          channel_divisor=8),
+    "resnet50_bier_tiny": _backbone_with(bier.BIERHead, bier.BIEREmbedder, resnet.ResNet, stage_sizes=(1, 2, 1, 1),
+                                         block="bottleneck", width=8),
+}
+METHOD_BACKBONE_NAMES = tuple(_METHOD_BACKBONES)
+_BACKBONES.update(_METHOD_BACKBONES)
+# --- end of the issue 16 block --------------------------------------------------------------------------------
 BACKBONE_NAMES = tuple(_BACKBONES)
 _MODELS.update(_BACKBONES)
 
@@ -148,7 +202,8 @@ def model_fields(name: str) -> tuple[str, ...]:
   factory = _MODELS[name]
   if isinstance(factory, functools.partial) and factory.func is _backbone_embedder:
     backbone = factory.args[0].func
-    fields = [f.name for f in dataclasses.fields(backbone)] + list(HEAD_FIELDS)
+    head_cls = factory.args[2] if len(factory.args) > 2 else EmbeddingHead
+    fields = [f.name for f in dataclasses.fields(backbone)] + list(_module_fields(head_cls))
   else:
     module = factory.func if isinstance(factory, functools.partial) else factory
     fields = [f.name for f in dataclasses.fields(module)]
@@ -192,13 +247,44 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
   return problems
 
 
+def loss_layout_problems(model_config: Mapping[str, Any], loss_config: Mapping[str, Any]) -> list[str]:
+  """Where the blocks of a method model's embedding (HDC's levels, ABE-M's and BIER's learners) differ from the
+  blocks its loss reads (`config.loss.hdc.level_dims`, `config.loss.abe.num_learners`,
+  `config.loss.<bier|a_bier>.learner_sizes`), one line each; [] for other models or a model config with
+  problems of its own (`config_problems` names those)."""
+  name = model_config["name"]
+  if name not in METHOD_BACKBONE_NAMES or config_problems(model_config):
+    return []
+  options = {k: v for k, v in model_config.items() if k not in NOT_MODEL_FIELDS and v is not None and k != "dtype"}
+  head = get_model(name, **options).head
+  terms = {term.strip() for term in str(loss_config["name"]).split("+")}
+  problems = []
+  if isinstance(head, hdc.HDCHead) and "hdc" in terms:
+    levels = (head.level_dim,) * len(head.level_stages)
+    if tuple(loss_config["hdc"]["level_dims"]) != levels:
+      problems.append(f"config.loss.hdc.level_dims={tuple(loss_config['hdc']['level_dims'])} must be the levels "
+                      f"of model {name}, {levels} (config.model.level_dim per config.model.level_stages).")
+  abe_learners = loss_config["abe"]["num_learners"]
+  if isinstance(head, abe.AttentionEnsembleHead) and "abe" in terms and abe_learners != head.num_learners:
+    problems.append(f"config.loss.abe.num_learners={abe_learners} must be model {name}'s "
+                    f"config.model.num_learners={head.num_learners}.")
+  if isinstance(head, bier.BIERHead):
+    for term in sorted(terms & {"bier", "a_bier"}):
+      if tuple(loss_config[term]["learner_sizes"]) != tuple(head.learner_sizes):
+        problems.append(f"config.loss.{term}.learner_sizes={tuple(loss_config[term]['learner_sizes'])} must be "
+                        f"model {name}'s config.model.learner_sizes={tuple(head.learner_sizes)}.")
+  return problems
+
+
 __all__ = [
   "BACKBONE_NAMES",
   "EMBEDDINGS",
   "HEAD_FIELDS",
   "INPUT_CONVENTIONS",
+  "METHOD_BACKBONE_NAMES",
   "MODEL_NAMES",
   "TASK_FIELDS",
+  "WEIGHTS_BACKBONE",
   "BackboneEmbedder",
   "CapsNetEmbedder",
   "EmbeddingHead",
@@ -206,10 +292,10 @@ __all__ = [
   "RCCapsNet",
   "SCCapsNet",
   "TaskHeads",
-  "WEIGHTS_BACKBONE",
   "capsule_embedding",
   "config_problems",
   "get_model",
+  "loss_layout_problems",
   "model_fields",
   "resolve_dtype",
 ]

@@ -82,3 +82,19 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0, ceil_mode
       right = 0
     pads.append((padding, right))
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=tuple(pads))
+
+
+def stage_range(stage_names: tuple[str, ...], start: str | None, stop: str | None) -> tuple[int, int]:
+  """`(first, end)`: the slice of `stage_names` a backbone call runs, after `start` up to `stop` included.
+
+  Raises:
+    ValueError: naming the stages, for an unknown name or a `stop` not after `start`.
+  """
+  for name in (start, stop):
+    if name is not None and name not in stage_names:
+      raise ValueError(f"{name!r} is not a stage of this backbone; its stages are {list(stage_names)}.")
+  first = 0 if start is None else stage_names.index(start) + 1
+  end = len(stage_names) if stop is None else stage_names.index(stop) + 1
+  if end <= first:
+    raise ValueError(f"stop={stop!r} must be a stage after start={start!r} (stages: {list(stage_names)}).")
+  return first, end

@@ -41,6 +41,9 @@ INCEPTION_CHANNELS = {
     "inception5b": (832, 384, 192, 384, 48, 128, 128),
 }
 
+# The max pools (window, stride) between the inception groups: before 4a and before 5a.
+_POOL_BEFORE = {"inception4a": (3, 2), "inception5a": (2, 2)}
+
 # ImageNet mean and std that `transform_input` undoes (torchvision's constants).
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,8 +111,8 @@ class Inception(nn.Module):
 class GoogLeNet(nn.Module):
   """GoogLeNet backbone: `[B, H, W, 3]` -> `{"feature_map": [B, h, w, 1024], "stages": {...}}`.
 
-  Stage maps: the output of every inception block, "inception3a" .. "inception5b" (HDC taps 3b, 4d and
-  5b; ABE-M 4e), strides 8, 16 and 32. "feature_map" is "inception5b". At 224x224 the maps are 28x28,
+  Stage maps: the output of every inception block, "inception3a" .. "inception5b" (HDC taps 4a, 4d and
+  5b, `jaxret.models.hdc`), strides 8, 16 and 32. "feature_map" is "inception5b". At 224x224 the maps are 28x28,
   14x14 and 7x7.
   """
   channel_divisor: int = 1  # every width divided by this (8 in the tiny variant); 1 is torchvision's.
@@ -131,35 +134,38 @@ class GoogLeNet(nn.Module):
     return (ch1x1 + ch3x3 + ch5x5 + pool_proj) // self.channel_divisor
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> dict[str, Any]:
+  def __call__(self, images: jax.Array, train: bool = False, start: str | None = None,
+               stop: str | None = None) -> dict[str, Any]:
+    """Runs the stages after `start` up to and including `stop` (default: all).
+
+    With `start`, `images` is that stage's map (e.g. a masked copy of it, as ABE-M runs the upper half per
+    attention mask); `stop` ends early. `backbone(x, stop=s)` then `backbone(map, start=s)` is the whole
+    network, with the same parameters. "stages" holds the maps computed in this call; "feature_map" the last.
+    """
     use_running_average = not train or self.freeze_batch_norm
     divisor = self.channel_divisor
+    first, last = cnn_layers.stage_range(tuple(INCEPTION_CHANNELS), start, stop)
 
     def conv(features, kernel_size, strides, padding, name):
       return BasicConv2d(features // divisor, kernel_size, strides=strides, padding=padding,
                          use_running_average=use_running_average, dtype=self.dtype,
                          param_dtype=self.param_dtype, name=name)
 
-    def inception(x, name):
+    stages = {}
+    if start is None:
+      x = transform_input(images) if self.transform_input else images
+      x = conv(64, 7, 2, 3, "conv1")(x)
+      x = cnn_layers.max_pool(x, 3, 2, ceil_mode=True)
+      x = conv(64, 1, 1, 0, "conv2")(x)
+      x = conv(192, 3, 1, 1, "conv3")(x)
+      x = cnn_layers.max_pool(x, 3, 2, ceil_mode=True)
+    else:
+      x = images
+    for name in tuple(INCEPTION_CHANNELS)[first:last]:
+      if name in _POOL_BEFORE:
+        x = cnn_layers.max_pool(x, *_POOL_BEFORE[name], ceil_mode=True)
       _, *widths = INCEPTION_CHANNELS[name]
       x = Inception(*(w // divisor for w in widths), use_running_average=use_running_average,
                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
       stages[name] = x
-      return x
-
-    stages = {}
-    x = transform_input(images) if self.transform_input else images
-    x = conv(64, 7, 2, 3, "conv1")(x)
-    x = cnn_layers.max_pool(x, 3, 2, ceil_mode=True)
-    x = conv(64, 1, 1, 0, "conv2")(x)
-    x = conv(192, 3, 1, 1, "conv3")(x)
-    x = cnn_layers.max_pool(x, 3, 2, ceil_mode=True)
-    x = inception(x, "inception3a")
-    x = inception(x, "inception3b")
-    x = cnn_layers.max_pool(x, 3, 2, ceil_mode=True)
-    for name in ("inception4a", "inception4b", "inception4c", "inception4d", "inception4e"):
-      x = inception(x, name)
-    x = cnn_layers.max_pool(x, 2, 2, ceil_mode=True)
-    x = inception(x, "inception5a")
-    x = inception(x, "inception5b")
     return {"feature_map": x, "stages": stages}

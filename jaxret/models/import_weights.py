@@ -224,7 +224,10 @@ def _read_orbax(model_name: str, directory: str, shapes: Mapping[str, Mapping]) 
     raise WeightImportError(f"{directory} is not a checkpoint written by `python -m "
                             f"jaxret.models.import_weights`: {e}") from e
   saved_model = (metadata.custom_metadata or {}).get("model")
-  if saved_model != model_name:
+  # A method model (e.g. googlenet_hdc) has the plain model's backbone and takes its converted weights.
+  same_backbone = (saved_model in models.BACKBONE_NAMES
+                   and models.get_model(saved_model).backbone == models.get_model(model_name).backbone)
+  if saved_model != model_name and not same_backbone:
     raise WeightImportError(f"{directory} holds the backbone of {saved_model!r}, not of {model_name!r}.")
   stored = _flatten(metadata.item_metadata.tree if hasattr(metadata.item_metadata, "tree")
                     else metadata.item_metadata)

@@ -106,23 +106,33 @@ class ResNet(nn.Module):
     return 8 * self.width * _EXPANSION[self.block]
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> dict[str, Any]:
+  def __call__(self, images: jax.Array, train: bool = False, start: str | None = None,
+               stop: str | None = None) -> dict[str, Any]:
+    """Runs the stages after `start` up to and including `stop` (default: all), as `GoogLeNet.__call__`:
+    with `start` (e.g. "layer2"), `images` is that stage's map."""
     use_running_average = not train or self.freeze_batch_norm
-    x = cnn_layers.conv(64, 7, strides=2, padding=3, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="conv1")(images)
-    x = cnn_layers.batch_norm(use_running_average=use_running_average, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name="bn1")(x)
-    x = cnn_layers.max_pool(nn.relu(x), 3, 2, padding=1)
+    stage_names = tuple(f"layer{stage + 1}" for stage in range(len(self.stage_sizes)))
+    first, end = cnn_layers.stage_range(stage_names, start, stop)
+    if start is None:
+      x = cnn_layers.conv(64, 7, strides=2, padding=3, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="conv1")(images)
+      x = cnn_layers.batch_norm(use_running_average=use_running_average, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name="bn1")(x)
+      x = cnn_layers.max_pool(nn.relu(x), 3, 2, padding=1)
+    else:
+      x = images
     block_cls = BasicBlock if self.block == "basic" else Bottleneck
+    expansion = _EXPANSION[self.block]
     stages = {}
-    in_features = 64
-    for stage, num_blocks in enumerate(self.stage_sizes):
+    for stage in range(first, end):
       planes = self.width * 2**stage
-      for index in range(num_blocks):
+      # What the stage's first block receives: the stem's 64 channels, or the previous stage's output.
+      in_features = 64 if stage == 0 else self.width * 2**(stage - 1) * expansion
+      for index in range(self.stage_sizes[stage]):
         strides = 2 if stage > 0 and index == 0 else 1
-        downsample = index == 0 and (strides != 1 or in_features != planes * _EXPANSION[self.block])
+        downsample = index == 0 and (strides != 1 or in_features != planes * expansion)
         x = block_cls(planes, strides=strides, downsample=downsample, use_running_average=use_running_average,
                       dtype=self.dtype, param_dtype=self.param_dtype, name=f"layer{stage + 1}_{index}")(x)
-        in_features = planes * _EXPANSION[self.block]
+        in_features = planes * expansion
       stages[f"layer{stage + 1}"] = x
     return {"feature_map": x, "stages": stages}
