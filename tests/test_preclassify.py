@@ -9,19 +9,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxret import embedding
+from jaxret import evaluation
+from jaxret import input_pipeline
 from jaxret import metrics
 from jaxret import preclassify
+from jaxret import run_config
+from jaxret import sharding
 
 
-def ranks_oracle(queries, query_labels, query_categories, gallery, gallery_labels, gallery_categories):
-  """For each query, walk the allowed gallery images in (distance, index) order; count until the first correct."""
+def ranks_oracle(queries, query_labels, query_categories, gallery, gallery_labels, gallery_categories, miss=None):
+  """For each query, walk the allowed gallery images in (distance, index) order; count until the first correct
+  (`miss`, default G, when there is none)."""
+  gallery = np.float64(gallery)
   ranks = []
   for q, label, allowed_categories in zip(queries, query_labels, query_categories):
-    allowed = [g for g in range(len(gallery)) if gallery_categories[g] >= 0
-               and int(gallery_categories[g]) in {int(c) for c in allowed_categories}]
-    order = sorted(allowed, key=lambda g: (float(np.sum((np.float64(q) - np.float64(gallery[g])) ** 2)), g))
-    rank = next((i for i, g in enumerate(order) if gallery_labels[g] == label), len(gallery))
-    ranks.append(rank)
+    distances = np.sum((np.float64(q)[None, :] - gallery) ** 2, axis=1)
+    allowed = [g for g, category in enumerate(gallery_categories) if category >= 0 and category in allowed_categories]
+    order = sorted(allowed, key=lambda g: (distances[g], g))
+    ranks.append(next((i for i, g in enumerate(order) if gallery_labels[g] == label),
+                      len(gallery) if miss is None else miss))
   return np.array(ranks)
 
 
@@ -140,3 +147,69 @@ def test_gallery_sharded_over_4_devices_gives_the_oracle_ranks(tmp_path):
   # A miss is ranked past the whole gallery: the padded size there, the valid size in the oracle.
   np.testing.assert_array_equal(np.where(got == 64, num_valid, got), want)
 
+
+
+# The evaluation option (config.evals.preclassify_top_k) on the tiny synthetic dataset, untrained models.
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tfds")
+  input_pipeline.get_builder("synthetic_inshop/tiny", str(path))
+  return str(path)
+
+
+def evaluator_of(data_dir, tmp_path, model=None, **evals):
+  config = run_config.demo_config()
+  config.input.dataset = "synthetic_inshop/tiny"
+  config.model.update(model or {"name": "rccapsnet_tiny"})
+  config.data_dir = data_dir
+  config.input.cache_dir = str(tmp_path / "cache")
+  config.input.image_size = 32
+  config.evals.batch_size = 16
+  config.evals.update(evals)
+  run_config.validate(config, device_count=1)
+  model = embedding.model_from_config(config)
+  builder = input_pipeline.get_builder(config.input.dataset, data_dir)
+  mesh = sharding.data_mesh()
+  return evaluation.Evaluator(config, builder, model, mesh), embedding.init_variables(model, config)
+
+
+def test_evaluation_matches_the_oracle_with_known_and_predicted_gallery_categories(data_dir, tmp_path):
+  for gallery in preclassify.GALLERY_CATEGORIES:
+    evaluator, variables = evaluator_of(data_dir, tmp_path, preclassify_top_k=2, preclassify_gallery=gallery)
+    _, _, _, more = evaluator(variables)
+    query, gallery_emb = (evaluator.embed_split(variables, split) for split in ("query", "gallery"))
+    scores = {split: np.asarray(evaluator._category_scores_of_split(variables, split))[
+        :len(evaluator.indexes[split])] for split in ("query", "gallery")}
+    top = np.argsort(-scores["query"], axis=1, kind="stable")[:, :2]
+    gallery_categories = (evaluator.indexes["gallery"].categories if gallery == "known"
+                          else np.argmax(scores["gallery"], axis=1))
+    ranks = ranks_oracle(query, evaluator.indexes["query"].item_ids, top, gallery_emb,
+                         evaluator.indexes["gallery"].item_ids, gallery_categories, miss=np.inf)
+    for k in evaluator.config.evals.ks:
+      assert more[f"preclassify/recall@{k}"] == pytest.approx(np.mean(ranks < k), abs=1e-12), (gallery, k)
+    want_fraction = np.mean([np.isin(gallery_categories, row).mean() for row in top])
+    assert more["preclassify/gallery_fraction"] == pytest.approx(want_fraction)
+    assert more["preclassify/category_accuracy"] == pytest.approx(
+        np.mean([c in row for c, row in zip(evaluator.indexes["query"].categories, top)]))
+
+
+def test_every_category_allowed_gives_the_unrestricted_recall(data_dir, tmp_path):
+  evaluator, variables = evaluator_of(data_dir, tmp_path, preclassify_top_k=23)
+  recalls, _, _, more = evaluator(variables)
+  assert more["preclassify/gallery_fraction"] == 1.0
+  assert {k: more[f"preclassify/recall@{k}"] for k in recalls} == recalls
+
+
+def test_a_classifier_head_is_read_and_a_model_without_one_is_refused(data_dir, tmp_path):
+  with pytest.raises(run_config.ConfigError, match="config.model.num_categories"):
+    evaluator_of(data_dir, tmp_path, {"name": "resnet18_tiny"}, preclassify_top_k=1)
+  with pytest.raises(run_config.ConfigError, match="preclassify_top_k=24 asks for more categories than the 23"):
+    evaluator_of(data_dir, tmp_path, preclassify_top_k=24)
+  with pytest.raises(run_config.ConfigError, match="preclassify_gallery='guessed' must be one of"):
+    evaluator_of(data_dir, tmp_path, preclassify_gallery="guessed")
+  evaluator, variables = evaluator_of(data_dir, tmp_path, {"name": "resnet18_tiny", "num_categories": 5},
+                                      preclassify_top_k=1)
+  assert evaluator._category_scores_of_split(variables, "query").shape[1] == 5  # the head's logits
+  _, _, _, more = evaluator(variables)
+  assert 0 <= more["preclassify/recall@1"] <= 1 and 0 < more["preclassify/gallery_fraction"] < 1
