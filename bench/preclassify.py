@@ -23,13 +23,17 @@ For each accuracy and each k of `--top_ks`:
     (`jaxret.preclassify.preclassified_ranks`, what `config.evals.preclassify_top_k = k` logs), with the
     gallery's known categories and with its predicted (top-1) ones (`config.evals.preclassify_gallery`);
   * fraction: the mean fraction of the gallery a query searches;
-  * time: a search that skips the excluded images, as a catalogue partitioned by category does: for every
+  * time (jaxret): a search that skips the excluded images, as a catalogue partitioned by category does: for every
     category, the queries that have it among their k find their 50 nearest among that category's gallery
     images only (one jitted distance block and top-k per category), and each query's k lists are merged;
     against the same code searching the whole gallery for every query. Medians of `--repeats` after an
     untimed warm-up (which compiles a program per category shape). The partitioned search's Recall@K is
     checked against the exact masked ranks (each partition measures distances from its own centre, so float32
-    rounding may swap near-ties): the run fails if they differ by more than `TOLERANCE`.
+    rounding may swap near-ties): the run fails if they differ by more than `TOLERANCE`;
+  * time (Milvus): the catalogue search that `python -m jaxret.search --preclassify_top_k k` runs
+    (`Catalog.search_embeddings` with each query's categories as a Milvus filter, Milvus Lite, FLAT index),
+    over the first `--milvus_queries` queries with the last accuracy's predictions, against the unfiltered
+    search of the same queries.
 
 The last line of stdout is JSON with every number.
 """
@@ -40,14 +44,18 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
+import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from data_prep import inshop_features
 from data_prep.synthetic_inshop import synthetic_inshop
+from jaxret import catalog
 from jaxret import metrics
 from jaxret import preclassify
 
@@ -197,20 +205,52 @@ def exact_recall(query, query_labels, top, gallery, gallery_labels, gallery_cate
   return metrics.recall_from_ranks(np.where(ranks < len(gallery), ranks, np.iinfo(np.int32).max), ks)
 
 
+def milvus_times(query, gallery, gallery_labels, gallery_categories, tops: dict, num_queries: int,
+                 repeats: int) -> dict:
+  """Seconds of `Catalog.search_embeddings` (Milvus Lite, FLAT, the top 50) over the first `num_queries`
+  queries: the whole catalogue, and each query's categories of `tops[name]` (a filter per set of categories);
+  the median of `repeats` calls after one untimed call.
+
+  The catalogue is the real `jaxret.catalog.Catalog` (what `python -m jaxret.search --preclassify_top_k`
+  runs), with a stand-in for the trained run that would embed the images: the vectors are given.
+  """
+  config = ml_collections.ConfigDict({"model": {"name": "random_embeddings"}, "evals": {"ks": [NEAREST]},
+                                      "input": {"dataset": "synthetic_inshop/inshop", "image_size": 0}})
+  run = types.SimpleNamespace(dim=gallery.shape[1], metric="euclidean", fingerprint="bench.preclassify", step=0,
+                              workdir="bench.preclassify", config=config)
+  queries = query[:num_queries]
+  times = {}
+  with tempfile.TemporaryDirectory() as folder, \
+      catalog.Catalog(run.workdir, os.path.join(folder, "bench.db"), embedder=run) as shop:
+    shop.upsert(gallery, gallery_labels, gallery_categories, [str(i) for i in range(len(gallery))], "bench")
+    # Wall time: Milvus Lite searches in a server process of its own, which this process's CPU time misses.
+    times["off"] = timed(lambda: shop.search_embeddings(queries, NEAREST), repeats)[0]["wall"]
+    for name, top in tops.items():
+      times[name] = timed(lambda top=top: shop.search_embeddings(queries, NEAREST, categories=top[:num_queries]),
+                          repeats)[0]["wall"]
+  return times
+
+
 def check_agree(searched: dict[int, float], exact: dict[int, float]) -> None:
   worst = max(abs(searched[k] - exact[k]) for k in exact)
   if worst > TOLERANCE:
     raise AssertionError(f"The search's Recall@K {searched} differs from the exact one {exact} by {worst}.")
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-  result = fn()  # Warm-up: compiles.
-  times = []
+def timed(fn, repeats: int) -> tuple[dict[str, float], object]:
+  """`({"wall": s, "cpu": s}, result)`: medians over `repeats` calls after an untimed one (which compiles).
+
+  The CPU seconds are this process's (all its threads): on a machine shared with other jobs they move less
+  than the wall time, so the speed-ups are read from them.
+  """
+  result = fn()
+  wall, cpu = [], []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), result
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}, result
 
 
 def main() -> None:
@@ -223,6 +263,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--category_weight", type=float, default=1.0,
                       help="how far products of a category cluster together (0: not at all, as bench.eval)")
+  parser.add_argument("--milvus_queries", type=int, default=300,
+                      help="queries searched through the Milvus Lite catalogue, the last accuracy's sets (0: skip; "
+                           "Milvus Lite's FLAT search is slow: about 0.07 s a query over the whole gallery here)")
   parser.add_argument("--noise", type=float, default=NOISE_128, help="noise around the product centres "
                       "(default: Recall@1 near 0.8 at D = 128 and category_weight 1; measure again for others)")
   args = parser.parse_args()
@@ -235,7 +278,8 @@ def main() -> None:
                                   args.noise, args.category_weight)
   num_categories = len(inshop_features.CATEGORY_NAMES)
   print(f"{len(query)} queries x {len(gallery)} gallery images, D = {args.dim}, {num_categories} categories "
-        f"({args.categories}, weight {args.category_weight}), jax {jax.__version__} on {jax.devices()[0].platform}, load {load_at_start:.1f}")
+        f"({args.categories}, weight {args.category_weight}), jax {jax.__version__} on "
+        f"{jax.devices()[0].platform}, load {load_at_start:.1f}")
 
   full_time, full_lists = timed(lambda: partitioned_search(query, gallery, None, gallery_true), args.repeats)
   full_recall = recall_of_lists(full_lists, query_labels, gallery_labels, ks)
@@ -243,7 +287,7 @@ def main() -> None:
   check_agree(full_recall, exact_full)
   rows = [{"accuracy": None, "top_k": 0, "fraction": 1.0, "seconds": full_time, "speedup": 1.0,
            "recall_known": full_recall, "recall_predicted": full_recall}]
-  print(f"whole gallery: {full_time:.2f} s, R@1 {full_recall[1]:.3f}")
+  print(f"whole gallery: {full_time['wall']:.2f} s ({full_time['cpu']:.2f} CPU s), R@1 {full_recall[1]:.3f}")
   rng = np.random.default_rng(1)
   for accuracy in (float(a) for a in args.accuracies.split(",")):
     beta = beta_for_accuracy(accuracy, num_categories)
@@ -258,26 +302,41 @@ def main() -> None:
       row = {"accuracy": accuracy, "measured_top1": float(np.mean(np.argmax(query_scores, axis=1) == query_true)),
              "top_k": k, "top_k_accuracy": preclassify.top_k_accuracy(top, query_true),
              "fraction": float(np.mean(preclassify.searched_fraction(top, gallery_true))),
-             "seconds": seconds, "speedup": full_time / seconds, "recall_known": recall_known,
+             "seconds": seconds, "speedup": full_time["cpu"] / seconds["cpu"], "recall_known": recall_known,
              "recall_predicted": exact_recall(query, query_labels, top, gallery, gallery_labels, gallery_predicted,
                                               ks)}
-      rows.append(row)
+      rows.append({**row, "top": top})
       print(f"accuracy {accuracy:.2f} top-{k}: in top-k {row['top_k_accuracy']:.3f}, searched "
-            f"{100 * row['fraction']:.1f}%, {seconds:.2f} s ({row['speedup']:.1f}x), R@1 {recall_known[1]:.3f} "
+            f"{100 * row['fraction']:.1f}%, {seconds['wall']:.2f} s ({seconds['cpu']:.2f} CPU s, "
+            f"{row['speedup']:.1f}x), R@1 {recall_known[1]:.3f} "
             f"(gallery predicted {row['recall_predicted'][1]:.3f})")
 
-  print("\n| classifier top-1 | k | query's category in top-k | gallery searched | search time | speed-up | "
+  milvus = {}
+  if args.milvus_queries:
+    last = rows[-len(args.top_ks.split(",")):]  # The last accuracy's top-k sets.
+    tops = {f"top-{row['top_k']}": row.pop("top") for row in last}
+    milvus = milvus_times(query, gallery, gallery_labels, gallery_true, tops, args.milvus_queries, repeats=1)
+    print(f"Milvus Lite FLAT catalogue, {args.milvus_queries} queries, top {NEAREST}: " + ", ".join(
+        f"{name} {seconds:.2f} s ({milvus['off'] / seconds:.1f}x)" for name, seconds in milvus.items()))
+  for row in rows:
+    row.pop("top", None)
+
+  print("\n| classifier top-1 | k | query's category in top-k | gallery searched | search: wall (CPU) s | "
+        "speed-up (CPU) | "
         + " | ".join(f"R@{k} (known / predicted gallery)" for k in ks) + " |")
   print("|---|---|---|---|---|---|" + "---|" * len(ks))
   for row in rows:
     name = "off" if row["accuracy"] is None else f"{100 * row['accuracy']:.0f}%"
     in_top = "-" if row["accuracy"] is None else f"{100 * row['top_k_accuracy']:.1f}%"
-    print(f"| {name} | {row['top_k'] or '-'} | {in_top} | {100 * row['fraction']:.1f}% | {row['seconds']:.2f} s | "
+    print(f"| {name} | {row['top_k'] or '-'} | {in_top} | {100 * row['fraction']:.1f}% | "
+          f"{row['seconds']['wall']:.2f} ({row['seconds']['cpu']:.2f}) | "
           f"{row['speedup']:.1f}x | " + " | ".join(
               f"{100 * row['recall_known'][k]:.1f} / {100 * row['recall_predicted'][k]:.1f}" for k in ks) + " |")
   print(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "load_at_start": load_at_start, "load_at_end": os.getloadavg()[0], "dim": args.dim,
-                    "categories": args.categories, "category_weight": args.category_weight, "queries": len(query), "gallery": len(gallery),
+                    "categories": args.categories, "category_weight": args.category_weight,
+                    "queries": len(query), "gallery": len(gallery),
+                    "milvus_queries": args.milvus_queries, "milvus_seconds": milvus,
                     "rows": [{**r, "recall_known": {str(k): v for k, v in r["recall_known"].items()},
                               "recall_predicted": {str(k): v for k, v in r["recall_predicted"].items()}}
                              for r in rows]}))
