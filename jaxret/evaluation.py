@@ -146,7 +146,6 @@ class Evaluator:
       queries = queries / (jnp.linalg.norm(queries, axis=1, keepdims=True) + 1e-12)
     return recalls, embeddings, float(np.asarray(embedding_spread(queries).addressable_data(0))), more
 
-
   # Pre-classification search (config.evals.preclassify_top_k; jaxret/preclassify.py, docs/evaluation.md).
   def _init_preclassify(self, model, padded_gallery: int) -> None:
     """The category step and the padded gallery's known categories, when pre-classification is on; a

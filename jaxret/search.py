@@ -90,7 +90,8 @@ def run_recall(shop: Catalog, split: str, preclassify_top_k: int = 0) -> None:
   print(evaluation.recall_table(recalls, name))
   exact = logged_recall(embedder.workdir, embedder.step)
   if exact is not None:
-    print("Exact evaluation of the same checkpoint (metrics.jsonl, query vs gallery): " +
+    unrestricted = ", the whole gallery" if preclassify_top_k else ""
+    print(f"Exact evaluation of the same checkpoint (metrics.jsonl, query vs gallery{unrestricted}): " +
           ", ".join(f"R@{k} {100 * v:.1f}" for k, v in sorted(exact.items())))
 
 
