@@ -249,6 +249,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   builder = input_pipeline.get_builder(config.input.dataset, config.data_dir)
   recalls, _, spread, more = Evaluator(config, builder, model, mesh)(variables)
   row = {"step": step, "model.embedding": config.model.embedding, "evals.metric": config.evals.metric,
+         **({f"evals.{field}": config.evals[field] for field in ("preclassify_top_k", "preclassify_gallery")}
+            if config.evals.get("preclassify_top_k", 0) else {}),
          **{f"recall@{k}": v for k, v in recalls.items()}, **more,
          "embedding_spread": spread if math.isfinite(spread) else None}
   if jax.process_index() == 0:
