@@ -396,15 +396,16 @@ class Catalog:
         not np.issubdtype(categories.dtype, np.integer):
       raise CatalogError(f"Expected [{len(embeddings)}, n] integer categories, one row per query, got "
                          f"{categories.dtype} {categories.shape}.")
-    # One filtered search per category, of the queries that have it (at most C requests, where a request per
-    # set of categories would make up to C^n tiny ones); then each query's n lists are merged by distance.
-    found = [[] for _ in range(len(embeddings))]
-    for category in np.unique(categories):
-      queries = np.flatnonzero(np.any(categories == category, axis=1))
-      for query, hits in zip(queries, self._search_filtered(embeddings[queries], k, f"category == {int(category)}")):
-        found[query].extend(hits)
-    return [[dataclasses.replace(hit, rank=rank)
-             for rank, hit in enumerate(sorted(hits, key=lambda hit: hit.distance)[:k], start=1)] for hits in found]
+    # The queries that share a set of categories go in one filtered search; answers go back in query order.
+    groups = {}
+    for query, row in enumerate(categories):
+      groups.setdefault(tuple(sorted({int(c) for c in row})), []).append(query)
+    results = [None] * len(embeddings)
+    for allowed, queries in groups.items():
+      for query, hits in zip(queries, self._search_filtered(embeddings[queries], k,
+                                                             f"category in {list(allowed)}")):
+        results[query] = hits
+    return results
 
   def _search_filtered(self, embeddings: np.ndarray, k: int, filter_expression: str) -> list[list[Hit]]:
     """The k nearest rows that match a Milvus filter expression ("" for all) of each `[Q, D]` embedding."""
