@@ -16,6 +16,7 @@ from jaxret import metrics
 from jaxret import preclassify
 from jaxret import run_config
 from jaxret import sharding
+from jaxret import workdir as run_dir
 
 
 def ranks_oracle(queries, query_labels, query_categories, gallery, gallery_labels, gallery_categories, miss=None):
@@ -213,3 +214,17 @@ def test_a_classifier_head_is_read_and_a_model_without_one_is_refused(data_dir, 
   assert evaluator._category_scores_of_split(variables, "query").shape[1] == 5  # the head's logits
   _, _, _, more = evaluator(variables)
   assert 0 <= more["preclassify/recall@1"] <= 1 and 0 < more["preclassify/gallery_fraction"] < 1
+
+
+def test_runs_stored_before_the_fields_existed_resume_and_turning_it_on_changes_no_run():
+  config = json.loads(run_config.base_config().to_json())
+  stored = json.loads(json.dumps(config))
+  del stored["evals"]["preclassify_top_k"], stored["evals"]["preclassify_gallery"]
+  assert run_dir.config_changes(stored, config) == ([], [])
+  config["evals"].update(preclassify_top_k=2, preclassify_gallery="predicted")
+  assert run_dir.config_changes(stored, config) == (
+      [], ["evals.preclassify_gallery: 'known' -> 'predicted'", "evals.preclassify_top_k: 0 -> 2"])
+  config = run_config.base_config()
+  config.evals.preclassify_top_k = -1  # (ml_collections refuses a float or a bool for this int field itself)
+  with pytest.raises(run_config.ConfigError, match="preclassify_top_k=-1 must be a whole number"):
+    run_config.validate(config, device_count=1)
