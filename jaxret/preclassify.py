@@ -102,6 +102,11 @@ def allowed_gallery(query_categories: jax.typing.ArrayLike, gallery_categories: 
 
   Returns:
     `[Q, G]` bool.
+
+  Example:
+    >>> import numpy as np
+    >>> np.asarray(allowed_gallery(np.array([[2, 0], [1, 1]]), np.array([0, 1, 2, -1]))).tolist()
+    [[True, False, True, False], [False, True, False, False]]
   """
   query_categories = jnp.asarray(query_categories)
   gallery_categories = jnp.asarray(gallery_categories)
