@@ -30,6 +30,7 @@ from jaxret import augment
 from jaxret import input_pipeline
 from jaxret import metrics
 from jaxret import models
+from jaxret import preclassify
 from jaxret import sharding
 from jaxret.models import input_conventions
 
@@ -191,6 +192,44 @@ def jit_embed_step(model, mesh: jax.sharding.Mesh, config: ml_collections.Config
                  in_shardings=(sharding.replicated(mesh), data, data, data), out_shardings=data)
 
 
+def category_scores_step(variables: Variables, pixels: jax.Array, category: jax.Array | None = None,
+                         boxes: Mapping[str, jax.Array] | None = None, *, model, image_size: int,
+                         convention: input_conventions.InputConvention = input_conventions.IMAGENET,
+                         box_margin: float = 0.0) -> jax.Array:
+  """`[B, C, C, 3]` uint8 pixels to `[B, num_categories]` float32 category scores, inference mode.
+
+  The same inputs as `embed_step`; the scores are `preclassify.category_scores` of the model's aux outputs (a
+  category head's logits, else a capsule network's class-capsule lengths), for pre-classification search.
+  Raises `preclassify.NoCategoryScoresError` (when traced) for a model that predicts no category.
+  """
+  images = model_inputs(pixels, boxes, image_size=image_size, convention=convention, box_margin=box_margin)
+  _, aux = model.apply(variables, images, train=False, category=category)
+  return preclassify.category_scores(aux)
+
+
+def jit_category_scores_step(model, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict):
+  """`category_scores_step` jitted over `mesh` as `jit_embed_step` jits `embed_step`; call it as
+  `scores(variables, pixels, category_or_None, boxes_or_None)` (e.g. through `embed_batches_on_device`)."""
+  data = sharding.data_sharding(mesh)
+  return jax.jit(functools.partial(category_scores_step, model=model, image_size=config.input.image_size,
+                                   convention=models.INPUT_CONVENTIONS[config.model.name],
+                                   box_margin=float(config.input.get("box_margin", 0.0))),
+                 in_shardings=(sharding.replicated(mesh), data, data, data), out_shardings=data)
+
+
+def num_category_scores(model, config: ml_collections.ConfigDict) -> int:
+  """How many categories `category_scores_step` scores for the config's model (traced only, nothing run).
+
+  Raises:
+    preclassify.NoCategoryScoresError: the model predicts no category (the message says what to configure).
+  """
+  size = config.input.image_size
+  abstract = jax.eval_shape(lambda: init_variables(model, config))
+  scores = jax.eval_shape(functools.partial(category_scores_step, model=model, image_size=size),
+                          abstract, jax.ShapeDtypeStruct((1, size, size, 3), np.uint8))
+  return int(scores.shape[1])
+
+
 def _variables_fingerprint(config: ml_collections.ConfigDict, variables: Variables) -> str:
   """16 hex digits of SHA-256 over the model config, the input size, the metric and every weight."""
   digest = hashlib.sha256()
@@ -282,6 +321,7 @@ class Embedder:
     self.step, self.variables = restore_variables(workdir, self.config, self.model, self.mesh)
     self.fingerprint = _variables_fingerprint(self.config, self.variables)
     self._embed = jit_embed_step(self.model, self.mesh, self.config)
+    self._scores_step = None  # `_category_scores_step`, made on first use.
     self.input_size = input_pipeline.cache_size(self.config)
     size = self.input_size
     sample = jax.ShapeDtypeStruct((self.num_devices, size, size, 3), np.uint8)
@@ -341,14 +381,15 @@ class Embedder:
     fields = {k: np.concatenate([f[k] for f in batch_fields])[real] for k in (batch_fields[:1] or [{}])[0]}
     return positions[real], embeddings[real], fields
 
-  def embed_images(self, images: np.ndarray) -> np.ndarray:
-    """`[N, C, C, 3]` uint8 pixels (C = `input_size`, from `input_pipeline.decode_pixels`) to `[N, D]` float32.
+  def _apply_to_images(self, step, images: np.ndarray, width: int) -> np.ndarray:
+    """`step(variables, pixels, None, None)` (an embedding or scores step) on `[N, C, C, 3]` uint8 pixels, in
+    chunks of `batch_size`; `[N, width]` float32 on the host.
 
     Small N is padded to a power of two times the device count (a few compiled shapes, little wasted work).
     """
     images = np.asarray(images)
     if len(images) == 0:
-      return np.zeros((0, self.dim), np.float32)
+      return np.zeros((0, width), np.float32)
     if images.ndim != 4 or images.shape[1:] != (self.input_size, self.input_size, 3) or images.dtype != np.uint8:
       raise ValueError(f"Expected [N, {self.input_size}, {self.input_size}, 3] uint8 pixels (decode_pixels at "
                        f"the run's cache size), got {images.dtype} {images.shape}.")
@@ -361,11 +402,40 @@ class Embedder:
         padded *= 2
       padded = min(padded, self.batch_size)
       padded_chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), np.uint8)])
-      embeddings = self._embed(self.variables, jax.device_put(padded_chunk, data), None, None)
-      outputs.append(sharding.host_array(embeddings)[:len(chunk)])
-    if not outputs:
-      return np.zeros((0, self.dim), np.float32)
+      outputs.append(sharding.host_array(step(self.variables, jax.device_put(padded_chunk, data), None,
+                                              None))[:len(chunk)])
     return np.concatenate(outputs)
+
+  def embed_images(self, images: np.ndarray) -> np.ndarray:
+    """`[N, C, C, 3]` uint8 pixels (C = `input_size`, from `input_pipeline.decode_pixels`) to `[N, D]` float32."""
+    return self._apply_to_images(self._embed, images, self.dim)
+
+  def category_scores_images(self, images: np.ndarray) -> np.ndarray:
+    """`[N, C, C, 3]` uint8 pixels (as for `embed_images`) to `[N, num_categories]` float32 category scores.
+
+    Raises:
+      preclassify.NoCategoryScoresError: the run's model predicts no category.
+    """
+    scores_step = self._category_scores_step()
+    return self._apply_to_images(scores_step, images, num_category_scores(self.model, self.config))
+
+  def category_scores_split(self, split: str, data_dir: str | None = None) -> np.ndarray:
+    """`[N, num_categories]` category scores of a split of the run's dataset, in record order (every process)."""
+    batches, index, _ = self._split_batches(split, data_dir)
+    scores = embed_batches_on_device(self._category_scores_step(), self.variables, batches, self.mesh,
+                                     total_batches=-(-len(index) // self.batch_size),
+                                     desc=f"classifying {split}")
+    if scores is None:
+      return np.zeros((0, num_category_scores(self.model, self.config)), np.float32)
+    return sharding.host_array(scores)[:len(index)]
+
+  def _category_scores_step(self):
+    """The jitted `category_scores_step` of the run's model, made on first use (only pre-classification needs
+    it); a `preclassify.NoCategoryScoresError` here names what the model lacks."""
+    if self._scores_step is None:
+      num_category_scores(self.model, self.config)
+      self._scores_step = jit_category_scores_step(self.model, self.mesh, self.config)
+    return self._scores_step
 
   def embed_split(self, split: str, data_dir: str | None = None):
     """Embeds a split of the run's dataset, as the trainer's evaluation does.

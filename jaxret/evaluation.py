@@ -28,6 +28,7 @@ from jaxret import embedding
 from jaxret import garment_evaluation
 from jaxret import input_pipeline
 from jaxret import metrics
+from jaxret import preclassify
 from jaxret import rerank
 from jaxret import run_config
 from jaxret import sharding
@@ -103,6 +104,7 @@ class Evaluator:
     self.detection_crops = None
     if detections:
       self.detection_crops = self._load_detections(detections, num_categories=getattr(category, "num_classes", None))
+    self._init_preclassify(model, padded_gallery)
 
   def _load_detections(self, path: str, num_categories: int | None
                        ) -> dict[str, garment_evaluation.DetectionCrops | None]:
@@ -220,9 +222,66 @@ class Evaluator:
             real_queries, gallery, self.indexes["query"], self.indexes["gallery"], metric=self.config.evals.metric))
       if self.detection_crops:
         more.update(self._detection_accuracy(variables, real_queries, gallery))
+    if self.preclassify_top_k:
+      more.update(self._preclassified(variables, queries, embeddings["gallery"]))
     if self.config.evals.metric == "cosine":  # Only directions matter: a collapse is one direction for all.
       queries = queries / (jnp.linalg.norm(queries, axis=1, keepdims=True) + 1e-12)
     return recalls, embeddings, float(np.asarray(embedding_spread(queries).addressable_data(0))), more
+
+  # Pre-classification search (config.evals.preclassify_top_k; jaxret/preclassify.py, docs/evaluation.md).
+  def _init_preclassify(self, model, padded_gallery: int) -> None:
+    """The category step and the padded gallery's known categories, when pre-classification is on; a
+    ConfigError now (before training) when the model predicts no category or fewer than k."""
+    self.preclassify_top_k = int(self.config.evals.get("preclassify_top_k", 0))
+    if not self.preclassify_top_k:
+      return
+    try:
+      num_categories = embedding.num_category_scores(model, self.config)
+    except preclassify.NoCategoryScoresError as e:
+      raise run_config.ConfigError(str(e)) from e
+    if self.preclassify_top_k > num_categories:
+      raise run_config.ConfigError(
+          f"config.evals.preclassify_top_k={self.preclassify_top_k} asks for more categories than the "
+          f"{num_categories} the model predicts.")
+    self._category_scores = embedding.jit_category_scores_step(model, self.mesh, self.config)
+    known = np.full(padded_gallery, -1, np.int32)  # Padding has no category (and is masked anyway).
+    known[:len(self.indexes["gallery"])] = self.indexes["gallery"].categories
+    self.gallery_categories = sharding.global_from_host(known, sharding.data_sharding(self.mesh))
+
+  def _category_scores_of_split(self, variables: embedding.Variables, split: str) -> jax.Array:
+    """`[N_padded, num_categories]` category scores of a split, split over the devices as its embeddings."""
+    batches = input_pipeline.eval_batches(
+        self.splits[split], global_batch=self.config.evals.batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), features=input_pipeline.box_features(self.config))
+    return embedding.embed_batches_on_device(self._category_scores, variables, batches, self.mesh,
+                                             desc=f"classifying {split}")
+
+  def _preclassified(self, variables: embedding.Variables, queries: jax.Array,
+                     padded_gallery: jax.Array) -> dict[str, float]:
+    """Recall@K with each query searching only the gallery images of its top-k predicted categories, as
+    `preclassify/recall@K`; the mean fraction of the gallery searched, `preclassify/gallery_fraction`; and how
+    often the query's true category is among its k, `preclassify/category_accuracy`."""
+    k = self.preclassify_top_k
+    query_categories = preclassify.top_categories(
+        self._real_queries(self._category_scores_of_split(variables, "query")), k)
+    gallery_categories = self.gallery_categories
+    if self.config.evals.get("preclassify_gallery", "known") == "predicted":
+      gallery_categories = jnp.argmax(self._category_scores_of_split(variables, "gallery"), axis=1).astype(jnp.int32)
+    ranks = preclassify.sharded_preclassified_ranks(
+        queries, self.query_labels, query_categories, padded_gallery, self.gallery_labels, gallery_categories,
+        self.gallery_valid, mesh=self.mesh, axis_name=sharding.DATA_AXIS, metric=self.config.evals.metric)
+    query_categories = np.asarray(query_categories.addressable_data(0))
+    ranks = np.asarray(ranks.addressable_data(0))
+    # A query with no allowed correct image is ranked G; past every K also where K >= G (tiny galleries).
+    ranks = np.where(ranks < len(self.indexes["gallery"]), ranks, np.iinfo(np.int32).max)
+    found = {f"preclassify/recall@{key}": value
+             for key, value in metrics.recall_from_ranks(ranks, self.config.evals.ks).items()}
+    gallery_categories = sharding.host_array(gallery_categories)[:len(self.indexes["gallery"])]
+    found["preclassify/gallery_fraction"] = float(np.mean(
+        preclassify.searched_fraction(query_categories, gallery_categories)))
+    found["preclassify/category_accuracy"] = preclassify.top_k_accuracy(query_categories,
+                                                                        self.indexes["query"].categories)
+    return found
 
 
 def recall_table(recalls: Mapping[int, float], name: str) -> str:
@@ -273,6 +332,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, detections:
   builder = input_pipeline.get_builder(config.input.dataset, config.data_dir)
   recalls, _, spread, more = Evaluator(config, builder, model, mesh, detections=detections)(variables)
   row = {"step": step, "model.embedding": config.model.embedding, "evals.metric": config.evals.metric,
+         **({f"evals.{field}": config.evals[field] for field in ("preclassify_top_k", "preclassify_gallery")}
+            if config.evals.get("preclassify_top_k", 0) else {}),
          **{f"recall@{k}": v for k, v in recalls.items()}, **more,
          "embedding_spread": spread if math.isfinite(spread) else None}
   if jax.process_index() == 0:

@@ -11,6 +11,7 @@ from ml_collections.config_dict import placeholder
 from jaxret import losses
 from jaxret import metrics
 from jaxret import models
+from jaxret import preclassify
 from jaxret import rerank
 from jaxret import samplers
 
@@ -139,6 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.evals.rerank = "none"
   config.evals.batch_size = 128  # Images per embedding step, over all devices.
   config.evals.num_pictures = 8  # Queries shown in retrievals.png.
+  # Pre-classification search (docs/evaluation.md): also log `preclassify/recall@K`, each query searching only the
+  # gallery images of its top-k predicted categories (1: the predicted one); 0 = off. Needs a model that
+  # predicts categories (config.model.num_categories, or a capsule network).
+  config.evals.preclassify_top_k = 0
+  config.evals.preclassify_gallery = "known"  # The gallery's categories: its "known" labels, or "predicted" (top-1).
   return config
 
 
@@ -326,5 +332,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
                     "products, 0 (no validation split) or more.")
   if not config.evals.ks or any(int(k) < 1 for k in config.evals.ks):
     problems.append(f"config.evals.ks={tuple(config.evals.ks)} must be positive.")
+  preclassify_top_k = config.evals.get("preclassify_top_k", 0)
+  if not isinstance(preclassify_top_k, int) or isinstance(preclassify_top_k, bool) or preclassify_top_k < 0:
+    problems.append(f"config.evals.preclassify_top_k={preclassify_top_k!r} must be a whole number of categories, "
+                    "0 (off) or more.")
+  if config.evals.get("preclassify_gallery", "known") not in preclassify.GALLERY_CATEGORIES:
+    problems.append(f"config.evals.preclassify_gallery={config.evals.preclassify_gallery!r} must be one of "
+                    f"{list(preclassify.GALLERY_CATEGORIES)}.")
   if problems:
     raise ConfigError("Bad config:\n  " + "\n  ".join(problems))

@@ -25,6 +25,7 @@ METRICS_FILE = "metrics.jsonl"
 HARMLESS_FIELDS = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "data_dir", "input.num_threads",
     "evals.ks", "evals.metric", "evals.batch_size", "evals.num_pictures", "evals.rerank",
+    "evals.preclassify_top_k", "evals.preclassify_gallery",
     "input.cache", "input.cache_dir", "input.cache_memory_fraction", "input.num_workers", "input.prefetch",
 )
 
@@ -54,6 +55,8 @@ ADDED_FIELDS = {
     "optim.head_lr_multiplier": 1.0,
     "optim.head_only_steps": 0,
     "loss.htl.rebuild_every": 0,
+    "evals.preclassify_top_k": 0,
+    "evals.preclassify_gallery": "known",
 }
 
 

@@ -419,3 +419,53 @@ def test_two_processes_index_every_image_once(run, embedder, splits, tmp_path, b
     # The vectors the processes made are the single-process embeddings of the same images.
     np.testing.assert_allclose(by_name[str(name)]["vector"], gallery[i], rtol=1e-4, atol=1e-5)
     assert by_name[str(name)]["item_id"] == gallery_index.item_ids[i]
+
+
+def test_preclassified_recall_through_the_index_equals_the_exact_restricted_recall(run, embedder, splits,
+                                                                                     gallery_db):
+  from jaxret import preclassify  # pylint: disable=g-import-not-at-top
+  query, query_index, _ = splits["query"]
+  gallery, gallery_index, _ = splits["gallery"]
+  ks = tuple(embedder.config.evals.ks)
+  top = np.asarray(preclassify.top_categories(embedder.category_scores_split("query", run[1]), 2))
+  ranks = np.asarray(preclassify.preclassified_ranks(query, query_index.item_ids, top, gallery,
+                                                     gallery_index.item_ids, gallery_index.categories))
+  exact = metrics.recall_from_ranks(np.where(ranks < len(gallery), ranks, np.iinfo(np.int32).max), ks)
+  with catalog.Catalog(run[0], gallery_db, embedder=embedder, data_dir=run[1], create=False) as shop:
+    assert shop.recall("query", preclassify_top_k=2) == exact
+    assert shop.recall("query", preclassify_top_k=23) == shop.recall("query")  # every category: no restriction
+    assert exact != shop.recall("query")  # the restriction changed something
+    with pytest.raises(catalog.CatalogError, match="predicts 23; give between 1 and 23"):
+      shop.recall("query", preclassify_top_k=24)
+    # Each query's hits lie in its own categories, all of them (some categories have no gallery image).
+    results = shop.search_embeddings(query, k=24, categories=top)
+    for hits, allowed in zip(results, top):
+      assert sorted(hit.image for hit in hits) == sorted(
+          str(name) for name, category in zip(gallery_index.image_names, gallery_index.categories)
+          if category in allowed)
+    assert any(results)
+
+
+def test_command_line_searches_the_predicted_categories_only(run, embedder, splits, gallery_db, tmp_path, capsys,
+                                                             monkeypatch):
+  workdir, data_dir = run
+  monkeypatch.setattr(catalog, "Embedder", lambda _: embedder)
+  _, gallery_index, gallery_source = splits["gallery"]
+  photo = export_images(gallery_source, gallery_index, [5], tmp_path / "photos")[0]
+  with catalog.Catalog(workdir, gallery_db, embedder=embedder, data_dir=data_dir, create=False) as shop:
+    predicted = shop.predicted_categories([photo], 1)[0, 0]
+  assert search.main(["--workdir", workdir, "--uri", gallery_db, "--image", photo, "--k", "24",
+                      "--preclassify_top_k", "1", "--out", str(tmp_path / "results.html"),
+                      "--data_dir", data_dir]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  in_category = int(np.sum(gallery_index.categories == predicted))
+  assert f"Predicted categories of {photo}: {catalog.category_name(int(predicted))}; only their {in_category} " \
+         "images are searched." in lines
+  header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "distance"])
+  assert len([line for line in lines[header + 1:] if line.split() and line.split()[0].isdigit()]) == in_category
+  assert search.main(["--workdir", workdir, "--uri", gallery_db, "--recall", "--preclassify_top_k", "2",
+                      "--data_dir", data_dir]) == 0
+  assert "FLAT, pre-classified top 2 |" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    search.main(["--workdir", workdir, "--uri", gallery_db, "--recall", "--preclassify_top_k", "-1"])
+  assert "--preclassify_top_k must be 0 (off) or more" in capsys.readouterr().err

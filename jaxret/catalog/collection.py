@@ -35,6 +35,7 @@ from tqdm import auto as tqdm
 from jaxret import embedding
 from jaxret import input_pipeline
 from jaxret import metrics
+from jaxret import preclassify
 from jaxret.catalog import files
 from jaxret.catalog import milvus
 from jaxret.catalog.errors import CatalogError
@@ -259,11 +260,12 @@ class Catalog:
                          f"  python -m jaxret.index --workdir {self.embedder.workdir} --uri {self.uri} "
                          f"--collection {self.collection}")
 
-  def count(self) -> int:
-    """Rows in the collection (0 when it does not exist)."""
+  def count(self, filter: str = "") -> int:  # pylint: disable=redefined-builtin
+    """Rows in the collection (0 when it does not exist); with `filter` (a Milvus boolean expression, e.g.
+    "category < 0") the rows that match it."""
     if not self.exists():
       return 0
-    return int(self._connected().query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+    return int(self._connected().query(self.collection, filter=filter, output_fields=["count(*)"])[0]["count(*)"])
 
   # Adding images.
   def upsert(self, embeddings: np.ndarray, item_ids: Sequence[int], categories: Sequence[int],
@@ -370,11 +372,14 @@ class Catalog:
       return {"nprobe": 32}
     return {}
 
-  def search_embeddings(self, embeddings: np.ndarray, k: int = 10, *,
-                        category: int | None = None) -> list[list[Hit]]:
+  def search_embeddings(self, embeddings: np.ndarray, k: int = 10, *, category: int | None = None,
+                        categories: np.ndarray | None = None) -> list[list[Hit]]:
     """The k nearest catalogue images of each of `[Q, D]` query embeddings, nearest first.
 
-    With `category` (a label, an index into `CATEGORY_NAMES`) only images of that category are searched.
+    With `category` (a label, an index into `CATEGORY_NAMES`) only images of that category are searched; with
+    `categories` (`[Q, n]` labels, e.g. each query's top-n predicted categories, `preclassify.top_categories`)
+    each query searches only the images of its own n categories (pre-classification; images of unknown
+    category, -1, are then never found).
     """
     self._require_collection()
     embeddings = np.asarray(embeddings, np.float32)
@@ -382,6 +387,28 @@ class Catalog:
       raise CatalogError(f"Expected [Q, {self.embedder.dim}] query embeddings, got {embeddings.shape}.")
     if k < 1:
       raise CatalogError(f"k must be at least 1, got {k}.")
+    if categories is None:
+      return self._search_filtered(embeddings, k, "" if category is None else f"category == {int(category)}")
+    if category is not None:
+      raise CatalogError("Give either category (one for all queries) or categories (one set per query).")
+    categories = np.asarray(categories)
+    if categories.ndim != 2 or len(categories) != len(embeddings) or \
+        not np.issubdtype(categories.dtype, np.integer):
+      raise CatalogError(f"Expected [{len(embeddings)}, n] integer categories, one row per query, got "
+                         f"{categories.dtype} {categories.shape}.")
+    # The queries that share a set of categories go in one filtered search; answers go back in query order.
+    groups = {}
+    for query, row in enumerate(categories):
+      groups.setdefault(tuple(sorted({int(c) for c in row})), []).append(query)
+    results = [None] * len(embeddings)
+    for allowed, queries in groups.items():
+      for query, hits in zip(queries, self._search_filtered(embeddings[queries], k,
+                                                             f"category in {list(allowed)}")):
+        results[query] = hits
+    return results
+
+  def _search_filtered(self, embeddings: np.ndarray, k: int, filter_expression: str) -> list[list[Hit]]:
+    """The k nearest rows that match a Milvus filter expression ("" for all) of each `[Q, D]` embedding."""
     search_params = self._search_params
     if search_params is None:
       search_params = self.default_search_params(k)
@@ -390,8 +417,7 @@ class Catalog:
     results = []
     for start in range(0, len(embeddings), per_request):
       chunk = embeddings[start:start + per_request]
-      answer = self._connected().search(self.collection, data=chunk, limit=min(k, 16384),
-                                        filter="" if category is None else f"category == {int(category)}",
+      answer = self._connected().search(self.collection, data=chunk, limit=min(k, 16384), filter=filter_expression,
                                         output_fields=["item_id", "category", "image", "source"],
                                         search_params=params)
       results.extend([self._hit(rank, hit) for rank, hit in enumerate(hits, start=1)] for hits in answer)
@@ -428,22 +454,52 @@ class Catalog:
     """The k nearest catalogue images of a photo (a path, encoded bytes, a PIL image or `[H, W, 3]` uint8)."""
     return self.search_many([image], k)[0]
 
-  def search_many(self, images: Sequence, k: int = 10) -> list[list[Hit]]:
-    """`search` for several photos at once (one embedding call)."""
+  def search_many(self, images: Sequence, k: int = 10, *, categories: np.ndarray | None = None
+                  ) -> list[list[Hit]]:
+    """`search` for several photos at once (one embedding call); with `categories` (`[N, n]`, e.g.
+    `predicted_categories`) each photo searches only the catalogue images of its own categories."""
     self._require_collection()
     batch = np.stack([files.preprocess(image, self.embedder.input_size) for image in images])
-    return self.search_embeddings(self.embedder.embed_images(batch), k)
+    return self.search_embeddings(self.embedder.embed_images(batch), k, categories=categories)
 
-  def recall(self, split: str = "query", ks: Sequence[int] | None = None) -> dict[int, float]:
+  def predicted_categories(self, images: Sequence, n: int) -> np.ndarray:
+    """`[N, n]` the n most likely categories of each photo, most likely first, as the run's model predicts them
+    (its category head, or its class capsules): the categories that pre-classification searches.
+
+    Raises:
+      CatalogError: the model predicts no category, or fewer than n.
+    """
+    batch = np.stack([files.preprocess(image, self.embedder.input_size) for image in images])
+    return self._top_categories(lambda: self.embedder.category_scores_images(batch), n)
+
+  def _top_categories(self, scores, n: int) -> np.ndarray:
+    """`preclassify.top_categories` of `scores()` `[N, C]`, a model without categories as a CatalogError."""
+    try:
+      scores = scores()
+    except preclassify.NoCategoryScoresError as e:
+      raise CatalogError(f"The run in {self.embedder.workdir} cannot pre-classify: {e}") from e
+    if not 1 <= n <= scores.shape[1]:
+      raise CatalogError(f"Pre-classification over the top {n} categories: the model of {self.embedder.workdir} "
+                         f"predicts {scores.shape[1]}; give between 1 and {scores.shape[1]}.")
+    return np.asarray(preclassify.top_categories(scores, n))
+
+  def recall(self, split: str = "query", ks: Sequence[int] | None = None, *,
+             preclassify_top_k: int = 0) -> dict[int, float]:
     """Recall@K of a split of the run's dataset searched against the collection (`metrics.recall_at_k`).
 
     A query is a hit at K when one of its K nearest catalogue images shows its product. With a FLAT index
-    and the split's gallery as the collection, this is the trainer's evaluation.
+    and the split's gallery as the collection, this is the trainer's evaluation. With `preclassify_top_k` n > 0
+    each query searches only the images of its n most likely categories (the evaluation's
+    `preclassify/recall@K` with `config.evals.preclassify_top_k = n`).
     """
     self._require_collection()
     ks = tuple(int(k) for k in (ks or self.embedder.config.evals.ks))
     embeddings, index, _ = self.embedder.embed_split(split, self.data_dir)
-    results = self.search_embeddings(embeddings, max(ks))
+    categories = None
+    if preclassify_top_k:
+      categories = self._top_categories(lambda: self.embedder.category_scores_split(split, self.data_dir),
+                                        preclassify_top_k)
+    results = self.search_embeddings(embeddings, max(ks), categories=categories)
     ranks = np.asarray([next((hit.rank - 1 for hit in hits if hit.item_id == item_id), np.iinfo(np.int32).max)
                         for hits, item_id in zip(results, index.item_ids)])
     return metrics.recall_from_ranks(ranks, ks)
