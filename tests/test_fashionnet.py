@@ -353,3 +353,5 @@ def test_inshop_fashionnet_smoke_trains_every_loss_term(tmp_path, data_dir):
   assert logged and all(np.isfinite(r["loss"]) for r in logged)
   assert any(any(key.startswith("landmarks") for key in r) for r in logged), logged[-1].keys()
   assert 0 <= result["recall@1"] <= 1
+  last = [r for r in rows if "recall@1" in r][-1]  # The task heads are scored at every evaluation.
+  assert 0 <= last["task/category_accuracy"] <= 1 and 0 <= last["task/attribute_map"] <= 1
