@@ -137,9 +137,7 @@ class AttentionEnsembleEmbedder(nn.Module):
   def __call__(self, images: jax.typing.ArrayLike, train: bool = False,
                category: jax.typing.ArrayLike | None = None) -> tuple[jax.Array, dict[str, Any]]:
     del category  # Part of the model contract; unused.
-    images = jnp.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images must be [batch, height, width, 3]; got shape {images.shape}.")
+    images = heads.rgb_batch(images)
     batch_size, num_learners = images.shape[0], self.head.num_learners
     shared = self.backbone(images, train=train, stop=self.head.split_stage)
     masks = self.head.masks(shared["feature_map"])

@@ -36,6 +36,7 @@ from jaxret.models import vgg
 from jaxret.models.heads import TaskHeads
 from jaxret.models.heads import l2_normalize
 from jaxret.models.heads import max_pool
+from jaxret.models.heads import rgb_batch
 from jaxret.models.landmark_pooling import landmark_pool
 
 Dtype = Any
@@ -152,9 +153,7 @@ class FashionNet(nn.Module):
                landmarks: jax.typing.ArrayLike | None = None, has_landmarks: jax.typing.ArrayLike | None = None
                ) -> tuple[jax.Array, dict[str, Any]]:
     del category  # Part of the model contract; only the capsule networks use it.
-    images = jnp.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images must be [batch, height, width, 3]; got shape {images.shape}.")
+    images = rgb_batch(images)
     outputs = vgg.VGG(layers=self.layers, dtype=self.dtype, param_dtype=self.param_dtype, name="backbone")(
         images, train=train)
     if self.local_stage not in outputs["stages"]:

@@ -161,9 +161,7 @@ class HDCEmbedder(nn.Module):
   def __call__(self, images: jax.typing.ArrayLike, train: bool = False,
                category: jax.typing.ArrayLike | None = None) -> tuple[jax.Array, dict[str, Any]]:
     del category  # Part of the model contract; unused.
-    images = jnp.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images must be [batch, height, width, 3]; got shape {images.shape}.")
+    images = heads.rgb_batch(images)
     outputs = self.backbone(images, train=train)
     embedding, features = self.head(outputs["stages"], train=train)
     return embedding, {"features": features, "feature_map": outputs["feature_map"], "stages": outputs["stages"]}

@@ -74,6 +74,14 @@ def l2_normalize(x: jax.typing.ArrayLike, eps: float = 1e-12) -> jax.Array:
   return x * lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
+def rgb_batch(images: jax.typing.ArrayLike) -> jax.Array:
+  """`images` as an array after checking it is `[batch, height, width, 3]`; ValueError saying the shape if not."""
+  images = jnp.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images must be [batch, height, width, 3]; got shape {images.shape}.")
+  return images
+
+
 class EmbeddingHead(nn.Module):
   """Pooling -> optional BatchNorm neck -> optional projection -> optional L2 normalisation.
 
@@ -227,9 +235,7 @@ class BackboneEmbedder(nn.Module):
   def __call__(self, images: jax.typing.ArrayLike, train: bool = False,
                category: jax.typing.ArrayLike | None = None) -> tuple[jax.Array, dict[str, Any]]:
     del category  # Part of the model contract; only the capsule networks use it.
-    images = jnp.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images must be [batch, height, width, 3]; got shape {images.shape}.")
+    images = rgb_batch(images)
     outputs = self.backbone(images, train=train)
     embedding, features = self.head(outputs["feature_map"], class_token=outputs.get("class_token"),
                                     train=train)
