@@ -18,6 +18,7 @@ the searches of a detections file (`--detections FILE`).
 Boxes are compared in image units ([0, 1] fractions of width and height): IoU is the same as in pixels.
 """
 
+import functools
 import io
 
 import jax
@@ -83,12 +84,18 @@ def nearest_gallery(queries: np.ndarray, gallery: np.ndarray, *, metric: str, de
   out = np.full((len(queries), depth), -1, np.int64)
   if not kept or not len(queries):
     return out
-  rank = jax.jit(lambda q, g: metrics.nearest_first(metrics.retrieval_distances(q, g, metric), kept)[1])
   for start in range(0, len(queries), chunk):
     block = queries[start:start + chunk]
     padded = np.concatenate([block, np.zeros((chunk - len(block), block.shape[1]), np.float32)])
-    out[start:start + len(block), :kept] = np.asarray(rank(padded, gallery))[:len(block)]
+    out[start:start + len(block), :kept] = np.asarray(_nearest(padded, gallery, metric, kept))[:len(block)]
   return out
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _nearest(queries: jax.Array, gallery: jax.Array, metric: str, depth: int) -> jax.Array:
+  """`[Q, depth]` indices of the nearest gallery rows; one compiled program per shape, reused by every
+  evaluation of a run."""
+  return metrics.nearest_first(metrics.retrieval_distances(queries, gallery, metric), depth)[1]
 
 
 def accuracy_ground_truth(queries: np.ndarray, gallery: np.ndarray, query_index: decoded_cache.SplitIndex,
